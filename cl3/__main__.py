@@ -1,0 +1,3 @@
+from cl3.cli import main
+
+main()

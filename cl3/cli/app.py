@@ -1,0 +1,67 @@
+"""The Typer application object and what every command shares: consoles and progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from .. import __version__
+
+app = typer.Typer(
+    name="cl3",
+    help="Convert, quantize, measure and chat with Llama-family models (Chinese Llama-3 first) on llama.cpp.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import llama_cpp
+
+        out.print(f"cl3 {__version__} (llama-cpp-python {llama_cpp.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """cl3: Llama-family models on your own desktop."""
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, *, unit: str = "bytes", quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A Rich progress bar with ETA; yields ``update(done, total)`` for library callbacks."""
+    if unit == "bytes":
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+    else:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=False, disable=quiet) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update

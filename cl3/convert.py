@@ -1,0 +1,305 @@
+"""HF checkpoint → GGUF, without PyTorch, one tensor chunk at a time.
+
+The output is what llama.cpp's convert_hf_to_gguf.py writes for Llama-architecture models (same tensor names, the
+same Q/K row permutation, the same F32 norms, the same f16 rounding), with the tokenizer, chat template and rope
+scaling carried over. Memory stays bounded by a few chunks of ~16 MiB whatever the model size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .errors import InputError, OutputError, UnsupportedModelError, UsageError
+from .files import atomic_output
+from .hf import Checkpoint, TensorRef, open_checkpoint
+from .vocab import load_vocab
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+TENSOR_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+                "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+IGNORED_TENSORS = ("rotary_emb.inv_freq",)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    outtype: str
+    n_tensors: int
+    n_params: int
+    n_bytes: int
+
+
+@dataclass
+class _TensorPlan:
+    name: str                 # GGUF name
+    ref: TensorRef | None     # source tensor (None for generated tensors)
+    qtype: gguf.GGMLQuantizationType
+    permute_heads: int = 0    # >0: apply the Q/K rotary permutation with this many heads
+    data: np.ndarray | None = None  # generated tensors (rope_freqs)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.ref.shape if self.ref is not None else self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        n = int(np.prod(self.shape, dtype=np.int64))
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return n // block * size
+
+
+def resolve_outtype(outtype: str, ckpt: Checkpoint) -> str:
+    """llama.cpp's rule for `auto`: f16 when the weights are f16, bf16 otherwise."""
+    outtype = outtype.lower()
+    if outtype not in OUTTYPES:
+        raise UsageError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if outtype != "auto":
+        return outtype
+    first = next(iter(ckpt.tensors.values()))
+    return "f16" if first.dtype == np.float16 else "bf16"
+
+
+def default_output_name(ckpt: Checkpoint, outtype: str, n_params: int) -> str:
+    """llama.cpp's file-name convention: {name}-{size}-{TYPE}.gguf."""
+    meta = _metadata(ckpt, n_params)
+    return gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label,
+                                  outtype.upper()) + ".gguf"
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto", *, allow_pickle: bool = False,
+            pre_tokenizer: str | None = None, progress: Progress | None = None) -> ConvertResult:
+    """Convert the HF checkpoint directory `src` to a GGUF at `out` (a file, or a directory for the default name)."""
+    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    if ckpt.architecture not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(f"architecture {ckpt.architecture} is not supported "
+                                    f"(cl3 converts {', '.join(SUPPORTED_ARCHITECTURES)})")
+    hp = _hparams(ckpt.config)
+    outtype = resolve_outtype(outtype, ckpt)
+    plans = _plan_tensors(ckpt, hp, outtype)
+    vocab = load_vocab(ckpt.path, hp["vocab_size"], pre_tokenizer)
+    n_params = sum(int(np.prod(p.shape)) for p in plans if p.ref is not None)
+
+    out = Path(out)
+    if out.is_dir():
+        out = out / default_output_name(ckpt, outtype, n_params)
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _metadata(ckpt, n_params).set_gguf_meta_model(writer)
+    _add_hparams(writer, hp, ckpt.config, outtype)
+    vocab.add_to_gguf(writer)
+    for p in plans:
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+
+    total = sum(p.nbytes for p in plans)
+    with atomic_output(out) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            fout = writer.fout[0]
+            done = 0
+            for p in plans:
+                writer.write_padding(fout, fout.tell())
+                for chunk in _converted_chunks(p):
+                    chunk.tofile(fout)
+                    done += chunk.nbytes
+                    if progress:
+                        progress(done, total)
+                writer.write_padding(fout, p.nbytes)
+            writer.close()
+        except OSError as ex:
+            writer.close()
+            if isinstance(ex, (FileNotFoundError, PermissionError)) or ex.errno in (28, 30):
+                raise OutputError(f"cannot write {out}: {ex.strerror}") from None
+            raise
+        finally:
+            writer.close()
+    return ConvertResult(out, outtype, len(plans), n_params, out.stat().st_size)
+
+
+def _hparams(config: dict) -> dict:
+    try:
+        hp = {
+            "vocab_size": int(config["vocab_size"]),
+            "hidden": int(config["hidden_size"]),
+            "ffn": int(config["intermediate_size"]),
+            "layers": int(config["num_hidden_layers"]),
+            "heads": int(config["num_attention_heads"]),
+        }
+    except KeyError as ex:
+        raise InputError(f"config.json lacks {ex.args[0]!r}") from None
+    except (TypeError, ValueError) as ex:
+        raise InputError(f"config.json has a malformed value: {ex}") from None
+    hp["kv_heads"] = int(config.get("num_key_value_heads") or hp["heads"])
+    hp["head_dim"] = int(config.get("head_dim") or hp["hidden"] // hp["heads"])
+    if hp["heads"] % hp["kv_heads"]:
+        raise InputError(f"config.json: {hp['heads']} attention heads are not a multiple of {hp['kv_heads']} kv heads")
+    return hp
+
+
+def _expected_shapes(hp: dict) -> dict[str, tuple[int, ...]]:
+    h, d = hp["hidden"], hp["head_dim"]
+    shapes = {"token_embd.weight": (hp["vocab_size"], h), "output_norm.weight": (h,), "output.weight": (hp["vocab_size"], h)}
+    for i in range(hp["layers"]):
+        b = f"blk.{i}."
+        shapes |= {b + "attn_q.weight": (hp["heads"] * d, h), b + "attn_k.weight": (hp["kv_heads"] * d, h),
+                   b + "attn_v.weight": (hp["kv_heads"] * d, h), b + "attn_output.weight": (h, hp["heads"] * d),
+                   b + "ffn_gate.weight": (hp["ffn"], h), b + "ffn_up.weight": (hp["ffn"], h),
+                   b + "ffn_down.weight": (h, hp["ffn"]), b + "attn_norm.weight": (h,), b + "ffn_norm.weight": (h,)}
+    return shapes
+
+
+def _plan_tensors(ckpt: Checkpoint, hp: dict, outtype: str) -> list[_TensorPlan]:
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["layers"])
+    expected = _expected_shapes(hp)
+    plans: list[_TensorPlan] = []
+    for hf_name, ref in ckpt.tensors.items():
+        if hf_name.endswith(IGNORED_TENSORS):
+            continue
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None or name not in expected:
+            raise UnsupportedModelError(f"unexpected tensor {hf_name} for a {ckpt.architecture} model")
+        if ref.shape != expected[name]:
+            raise InputError(f"shape mismatch: {hf_name} is {list(ref.shape)} but config.json implies "
+                             f"{list(expected[name])}")
+        permute = hp["heads"] if name.endswith("attn_q.weight") else hp["kv_heads"] if name.endswith("attn_k.weight") else 0
+        plans.append(_TensorPlan(name, ref, _tensor_type(name, ref.shape, outtype), permute))
+    have = {p.name for p in plans}
+    missing = [n for n in expected if n not in have and n != "output.weight"]
+    if missing:
+        raise InputError(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    if "output.weight" not in have and not ckpt.config.get("tie_word_embeddings", False):
+        raise InputError("the checkpoint has no lm_head.weight and does not tie it to the embeddings")
+    if (freqs := _llama3_rope_factors(ckpt.config, hp)) is not None:
+        plans.append(_TensorPlan("rope_freqs.weight", None, gguf.GGMLQuantizationType.F32, data=freqs))
+    order = list(expected) + ["rope_freqs.weight"]
+    return sorted(plans, key=lambda p: order.index(p.name))
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    if outtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
+        return gguf.GGMLQuantizationType.F16
+    return TENSOR_TYPES[outtype]
+
+
+def _converted_chunks(plan: _TensorPlan):
+    if plan.data is not None:
+        yield plan.data.astype(np.float32)
+        return
+    ref = plan.ref
+    head_rows = ref.shape[0] // plan.permute_heads if plan.permute_heads else 1
+    for start, stop in ref.row_chunks(align=head_rows):
+        rows = ref.read_rows(start, stop)
+        if plan.permute_heads:
+            rows = _permute_rows(rows, head_rows)
+        yield _encode(rows, ref.dtype, plan.qtype)
+
+
+def _permute_rows(rows: np.ndarray, head_rows: int) -> np.ndarray:
+    """HF's rotate-half Q/K layout → llama.cpp's interleaved one (convert_hf_to_gguf's LlamaModel.permute)."""
+    n = rows.shape[0] // head_rows
+    return rows.reshape(n, 2, head_rows // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _encode(rows: np.ndarray, src_dtype: np.dtype, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.BF16 and src_dtype.name == "bfloat16":
+        return rows.view(np.uint16)
+    if qtype == Q.F16 and src_dtype == np.float16:
+        return rows
+    f32 = rows.astype(np.float32)
+    if qtype == Q.F32:
+        return f32
+    if qtype == Q.F16:
+        return f32.astype(np.float16)
+    return gguf.quants.quantize(f32, qtype)
+
+
+def _llama3_rope_factors(config: dict, hp: dict) -> np.ndarray | None:
+    """Llama-3.1-style frequency factors, as convert_hf_to_gguf computes them (rope_freqs.weight)."""
+    rs = config.get("rope_scaling") or {}
+    if str(rs.get("rope_type", rs.get("type", ""))).lower() != "llama3":
+        return None
+    base = float(config.get("rope_theta", 10000.0))
+    dim = hp["head_dim"]
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = float(rs.get("factor", 8.0))
+    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, hp: dict, config: dict, outtype: str) -> None:
+    writer.add_vocab_size(hp["vocab_size"])
+    writer.add_context_length(int(config.get("max_position_embeddings") or 4096))
+    writer.add_embedding_length(hp["hidden"])
+    writer.add_block_count(hp["layers"])
+    writer.add_feed_forward_length(hp["ffn"])
+    writer.add_head_count(hp["heads"])
+    writer.add_head_count_kv(hp["kv_heads"])
+    writer.add_rope_dimension_count(hp["head_dim"])
+    if hp["head_dim"] != hp["hidden"] // hp["heads"]:
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    writer.add_file_type(FILE_TYPES[outtype])
+    if outtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    base = float(config.get("rope_theta", 10000.0))
+    rs = config.get("rope_scaling") or {}
+    kind = str(rs.get("rope_type", rs.get("type", "")) or "").lower()
+    factor = rs.get("factor")
+    if kind in ("", "default", "llama3"):
+        pass
+    elif factor is None:
+        raise InputError(f"config.json: rope_scaling of type {kind!r} has no factor")
+    elif kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factor))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(factor))
+        original = rs.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+    elif kind == "dynamic":
+        # llama.cpp has no dynamic NTK at run time; the NTK-aware base change at the full factor is its equivalent
+        base = base * float(factor) ** (hp["head_dim"] / (hp["head_dim"] - 2))
+    else:
+        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported (linear, dynamic, yarn, llama3 are)")
+    writer.add_rope_freq_base(base)
+
+
+def _metadata(ckpt: Checkpoint, n_params: int) -> gguf.Metadata:
+    logging.getLogger("gguf.metadata").setLevel(logging.ERROR)
+    meta = gguf.Metadata.load(None, ckpt.path, None, n_params)
+    if meta.name is None:
+        meta.name = ckpt.config.get("_name_or_path", "").split("/")[-1] or ckpt.path.name
+    if meta.size_label is None:
+        meta.size_label = gguf.size_label(n_params, 0, 0, 0)
+    return meta

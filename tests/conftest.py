@@ -1,0 +1,75 @@
+"""Shared fixtures: real tiny models built once per test session (real tokenizers, real safetensors, real GGUF)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cl3.convert import convert
+from cl3.tiny import build_llama3_checkpoint, build_spm_checkpoint
+
+# Chinese-LLaMA-style vocabulary extension for the SentencePiece fixture (pieces appended after the original ones).
+CHINESE_EXTRA_PIECES = ["▁中文", "模型", "量化", "大模型", "▁我们", "天气", "公园", "电脑", "运行", "比特"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_dirs(tmp_path_factory, monkeypatch):
+    """Keep tests away from the real user's data and cache directories."""
+    home = tmp_path_factory.getbasetemp() / "user-dirs"
+    monkeypatch.setenv("CL3_DATA_DIR", str(home / "data"))
+    monkeypatch.setenv("CL3_CACHE_DIR", str(home / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3(tmp_path_factory):
+    """The Llama-3-Instruct-format checkpoint with its exact weights (TinyCheckpoint)."""
+    return build_llama3_checkpoint(tmp_path_factory.mktemp("tiny-llama3") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tiny_llama3) -> Path:
+    return tiny_llama3.path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_gguf(tiny_llama3, tmp_path_factory) -> Path:
+    return convert(tiny_llama3.path, tmp_path_factory.mktemp("gguf") / "tiny-llama3-f32.gguf", "f32").path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_gguf_f16(tiny_llama3, tmp_path_factory) -> Path:
+    return convert(tiny_llama3.path, tmp_path_factory.mktemp("gguf") / "tiny-llama3-f16.gguf", "f16").path
+
+
+@pytest.fixture(scope="session")
+def tiny_spm(tmp_path_factory):
+    return build_spm_checkpoint(tmp_path_factory.mktemp("tiny-spm") / "hf", extra_pieces=CHINESE_EXTRA_PIECES)
+
+
+@pytest.fixture(scope="session")
+def tiny_spm_dir(tiny_spm) -> Path:
+    return tiny_spm.path
+
+
+@pytest.fixture(scope="session")
+def tiny_spm_gguf(tiny_spm, tmp_path_factory) -> Path:
+    return convert(tiny_spm.path, tmp_path_factory.mktemp("gguf") / "tiny-spm-f32.gguf", "f32").path
+
+
+@pytest.fixture(scope="session")
+def reference_bin() -> Path:
+    """llama.cpp's own tools (built by ../shared/reference/build-llama-cpp-tools.sh); skip when absent."""
+    path = os.environ.get("CL3_REFERENCE_BIN")
+    if not path or not (Path(path) / "llama-quantize").exists():
+        pytest.skip("llama.cpp reference tools not available (set CL3_REFERENCE_BIN to their bin directory)")
+    return Path(path)
+
+
+def run_cl3(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real `cl3` command line in a subprocess (exit code, stdout, stderr)."""
+    return subprocess.run([sys.executable, "-m", "cl3", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=os.environ | {"COLUMNS": "200"})
