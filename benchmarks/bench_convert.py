@@ -37,8 +37,8 @@ def build_checkpoint(path: Path) -> None:
 
     if (path / "config.json").exists():
         return
-    path.mkdir(parents=True)
-    (path / "tokenizer.model").write_bytes(train_sentencepiece(default_training_text(), 1000))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").write_bytes(train_sentencepiece(default_training_text(), 4000))
     config = llama_config(VOCAB, bos=1, eos=2, **SHAPE)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>",

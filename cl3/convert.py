@@ -222,6 +222,8 @@ def _encode(rows: np.ndarray, src_dtype: np.dtype, qtype: gguf.GGMLQuantizationT
         return rows.view(np.uint16)
     if qtype == Q.F16 and src_dtype == np.float16:
         return rows
+    if qtype == Q.F16:  # one rounding, like torch's bf16/f32 → f16 (ml_dtypes converts through float32 exactly)
+        return rows.astype(np.float16)
     f32 = rows.astype(np.float32)
     if qtype == Q.F32:
         return f32

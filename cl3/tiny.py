@@ -105,13 +105,20 @@ def train_sentencepiece(texts: list[str], vocab_size: int = 2000, extra_pieces: 
     extended the Llama vocabulary (new NORMAL pieces after the original ones)."""
     import sentencepiece as spm
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([line for t in texts for line in t.splitlines() if line.strip()]),
-        model_writer=model, vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=0.995,
-        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
-        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-        minloglevel=2)
+    lines = [line for t in texts for line in t.splitlines() if line.strip()]
+    for coverage in (0.995, 0.98):  # rarer characters fall back to bytes, as in Llama-2
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+                byte_fallback=True, character_coverage=coverage, normalization_rule_name="identity",
+                add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
+                allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+                minloglevel=2)
+            break
+        except RuntimeError as ex:
+            if "required_chars" not in str(ex):
+                raise
     data = model.getvalue()
     if extra_pieces:
         from sentencepiece import sentencepiece_model_pb2 as pb
