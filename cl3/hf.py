@@ -109,7 +109,7 @@ def open_checkpoint(src: str | os.PathLike, *, allow_pickle: bool = False) -> Ch
         raise InputError(f"no model weights (*.safetensors) in {path}")
     tensors: dict[str, TensorRef] = {}
     for file in files:
-        tensors.update(_index_safetensors(file))
+        tensors.update(index_safetensors(file))
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index, "model.safetensors.index.json").get("weight_map", {})
@@ -134,7 +134,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def _index_safetensors(file: Path) -> dict[str, TensorRef]:
+def index_safetensors(file: Path) -> dict[str, TensorRef]:
     try:
         local = SafetensorsLocal(file)
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as ex:
