@@ -1,0 +1,36 @@
+"""`cl3 serve`: an OpenAI-compatible HTTP API for a GGUF (llama-cpp-python's server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from .app import app, err
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="A .gguf file."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Listen address (loopback by default; use 0.0.0.0 to "
+                             "expose it, preferably with --api-key)."),
+    port: int = typer.Option(8000, "--port", help="Listen port."),
+    api_key: str = typer.Option(None, "--api-key", envvar="CL3_API_KEY", help="Require `Authorization: Bearer KEY` "
+                                "(also from $CL3_API_KEY)."),
+    ctx: int = typer.Option(None, "--ctx", help="Context size (default: the training context, at most 8192)."),
+    threads: int = typer.Option(0, "--threads", help="Threads (0: all cores)."),
+    alias: str = typer.Option(None, "--alias", help="Model id shown by /v1/models (default: the file name)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's log and the server's request log."),
+) -> None:
+    """Serve /v1/chat/completions (with streaming), /v1/completions and /v1/models, with the GGUF's chat template."""
+    from ..serve import run_server, server_settings
+
+    settings = server_settings(model, host=host, port=port, api_key=api_key, n_ctx=ctx, n_threads=threads,
+                               alias=alias, verbose=verbose)
+    for note in settings.notes:
+        err.print(f"note: {escape(note)}", highlight=False)
+    err.print(f"serving {escape(settings.model.model_alias)} on http://{escape(settings.display_host)}:{port}/v1 "
+              f"(chat format: {escape(settings.model.chat_format or 'llama-2 fallback')}); Ctrl-C stops",
+              highlight=False, soft_wrap=True)
+    run_server(settings)

@@ -1,0 +1,191 @@
+"""`cl3 serve`: the real command on a free loopback port with a real tiny GGUF (random weights, so the words are
+gibberish), called over HTTP like any OpenAI client would."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import gguf
+import psutil
+import pytest
+
+from cl3.serve import is_loopback, server_settings
+
+API_KEY = "test-key-123"
+MESSAGES = [{"role": "system", "content": "You are a helpful assistant. 你是一个乐于助人的助手。"},
+            {"role": "user", "content": "用中文介绍一下北京。"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(base: str, path: str, body: dict | None = None, key: str | None = API_KEY, stream: bool = False):
+    req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"} | (
+                                     {"Authorization": f"Bearer {key}"} if key else {}))
+    resp = urllib.request.urlopen(req, timeout=120)
+    if stream:
+        return resp
+    with resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama3_gguf):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cl3", "serve", str(tiny_llama3_gguf), "--port", str(port),
+                             "--api-key", API_KEY, "--ctx", "512", "--threads", "2", "--alias", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"COLUMNS": "200"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"cl3 serve exited with {proc.returncode}: {proc.stdout.read()}")
+            try:
+                call(base, "/v1/models")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    pytest.fail("cl3 serve did not answer within 120 s")
+                time.sleep(0.3)
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def chat_prompt_tokens(tiny_llama3_gguf) -> int:
+    """Tokens of MESSAGES rendered with the GGUF's own Jinja chat template (the independent count)."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    reader = gguf.GGUFReader(tiny_llama3_gguf)
+    field = lambda k: reader.fields[k].contents()
+    tokens = field("tokenizer.ggml.tokens")
+    prompt = Jinja2ChatFormatter(field("tokenizer.chat_template"), bos_token=tokens[field("tokenizer.ggml.bos_token_id")],
+                                 eos_token=tokens[field("tokenizer.ggml.eos_token_id")])(messages=MESSAGES).prompt
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    vocab = Llama(str(tiny_llama3_gguf), vocab_only=True, verbose=False)
+    n = len(vocab.tokenize(prompt.encode(), add_bos=False, special=True))
+    plain = len(vocab.tokenize("".join(m["content"] for m in MESSAGES).encode(), add_bos=True, special=True))
+    assert n > plain + 8  # the template's headers make a clear difference
+    return n
+
+
+def test_models_and_api_key(server):
+    base, proc = server
+    with pytest.raises(urllib.error.HTTPError) as info:
+        call(base, "/v1/models", key=None)
+    assert info.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as info:
+        call(base, "/v1/models", key="wrong")
+    assert info.value.code == 401
+    models = call(base, "/v1/models")
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+    # bound to loopback only
+    process = psutil.Process(proc.pid)
+    connections = getattr(process, "net_connections", process.connections)("tcp")  # psutil < 6: connections
+    listening = {c.laddr for c in connections if c.status == psutil.CONN_LISTEN}
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+
+
+def test_chat_completion_uses_the_chat_template(server, chat_prompt_tokens):
+    base, _ = server
+    reply = call(base, "/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "max_tokens": 6,
+                                                "temperature": 0})
+    assert reply["object"] == "chat.completion" and reply["model"] == "tiny"
+    [choice] = reply["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] == chat_prompt_tokens
+    # llama-cpp-python may run a few tokens past max_tokens to finish a UTF-8 character split over byte tokens
+    assert 1 <= usage["completion_tokens"] <= 6 + 3
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_chat_completion_streaming(server):
+    base, _ = server
+    resp = call(base, "/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "max_tokens": 6,
+                                               "temperature": 0, "stream": True}, stream=True)
+    chunks, done = [], False
+    with resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line.removeprefix("data:").strip()
+            if data == "[DONE]":
+                done = True
+                break
+            chunks.append(json.loads(data))
+    assert done and len(chunks) >= 2
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    full = call(base, "/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "max_tokens": 6,
+                                               "temperature": 0})
+    assert streamed == full["choices"][0]["message"]["content"]  # greedy: the same words either way
+
+
+def test_completion(server, tiny_llama3_gguf):
+    from llama_cpp import Llama
+
+    base, _ = server
+    prompt = "The capital of China is"
+    reply = call(base, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 5, "temperature": 0})
+    assert reply["object"] == "text_completion"
+    [choice] = reply["choices"]
+    assert isinstance(choice["text"], str) and choice["finish_reason"] in ("stop", "length")
+    vocab = Llama(str(tiny_llama3_gguf), vocab_only=True, verbose=False)
+    assert reply["usage"]["prompt_tokens"] == len(vocab.tokenize(prompt.encode(), add_bos=True, special=True))
+
+
+def test_settings(tiny_llama3_gguf, tmp_path):
+    settings = server_settings(tiny_llama3_gguf, port=free_port())
+    assert settings.server.host == "127.0.0.1" and settings.server.api_key is None and not settings.notes
+    assert settings.model.chat_format == "chat_template.default"
+    exposed = server_settings(tiny_llama3_gguf, host="0.0.0.0", port=free_port())
+    assert any("without an API key" in n for n in exposed.notes)
+    assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("192.168.1.2")
+
+
+def test_serve_errors_are_one_line(tmp_path):
+    from tests.conftest import run_cl3
+
+    proc = run_cl3("serve", tmp_path / "missing.gguf")
+    assert proc.returncode != 0 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf at all")
+    proc = run_cl3("serve", bogus)
+    assert proc.returncode != 0 and proc.stderr.startswith("error:")
+
+
+def test_port_in_use_is_one_line(tiny_llama3_gguf):
+    from tests.conftest import run_cl3
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = run_cl3("serve", tiny_llama3_gguf, "--port", busy.getsockname()[1], timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in proc.stderr
