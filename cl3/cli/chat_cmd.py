@@ -1,0 +1,64 @@
+"""`cl3 chat MODEL.gguf`: the terminal chat UI, or one streamed reply with `-p`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from ..chat import DEFAULT_SYSTEM_PROMPT, ChatModel, ConversationStore, Message, SamplingParams, check_gguf_file
+from .app import app, err
+
+
+@app.command()
+def chat(
+    model: Path = typer.Argument(..., help="The GGUF model file.", show_default=False),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="No TUI: stream one reply to this prompt to stdout ('-': read stdin)."),
+    system: str = typer.Option(DEFAULT_SYSTEM_PROMPT, "--system", "-s", help="System prompt."),
+    n_ctx: int = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens (0: the model's training context)."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Layers to offload to the GPU (GPU builds only)."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: llama.cpp's choice)."),
+    temperature: float = typer.Option(0.8, "--temp", help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold."),
+    top_k: int = typer.Option(40, "--top-k", help="Sample from the k most likely tokens (0: all)."),
+    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below this fraction of the top probability."),
+    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", help="Penalty for repeating recent tokens (1: off)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Longest reply, in tokens."),
+    seed: int = typer.Option(-1, "--seed", help="Random seed (-1: random)."),
+    resume: str = typer.Option(None, "--resume", help="Reopen a saved chat by its id (TUI)."),
+) -> None:
+    """Chat with a GGUF model in a terminal UI, using the model's own chat template."""
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed).validate()
+    check_gguf_file(model)
+    if prompt is not None:
+        _one_reply(model, sys.stdin.read() if prompt == "-" else prompt, system, sampling, n_ctx, n_gpu_layers, threads)
+        return
+
+    from ..tui import ChatApp
+
+    store = ConversationStore()
+    if resume:
+        store.load(resume)  # a bad id fails here, before the TUI starts
+    chat_app = ChatApp(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, system_prompt=system,
+                       sampling=sampling, store=store, resume=resume)
+    chat_app.run()
+    if chat_app.load_error is not None:
+        raise chat_app.load_error
+    if chat_app.conversation.messages:
+        err.print(f"chat saved as {chat_app.conversation.id} (reopen: cl3 chat {model} --resume {chat_app.conversation.id})",
+                  highlight=False, markup=False)
+
+
+def _one_reply(model_path: Path, prompt: str, system: str, sampling: SamplingParams, n_ctx: int, n_gpu_layers: int,
+               threads: int | None) -> None:
+    model = ChatModel(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads)
+    reply = model.reply(system, [Message("user", prompt)], sampling)
+    for piece in reply:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if reply.finish_reason == "length":
+        err.print(f"(reply cut at {reply.n_tokens} tokens; raise --max-tokens or -c)", highlight=False, markup=False)
