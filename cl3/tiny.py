@@ -175,14 +175,14 @@ def write_safetensors(weights: dict[str, np.ndarray], out_dir: Path, dtype: str 
     storage = {"bf16": ml_dtypes.bfloat16, "f16": np.float16, "f32": np.float32}[dtype]
     names = list(weights)
     if shards <= 1:
-        save_file({n: weights[n].astype(storage) for n in names}, str(out_dir / "model.safetensors"),
+        save_file({n: np.ascontiguousarray(weights[n].astype(storage)) for n in names}, str(out_dir / "model.safetensors"),
                   metadata={"format": "pt"})
         return
     groups = np.array_split(np.arange(len(names)), shards)
     weight_map, total = {}, 0
     for k, idx in enumerate(groups, start=1):
         fname = f"model-{k:05d}-of-{shards:05d}.safetensors"
-        part = {names[i]: weights[names[i]].astype(storage) for i in idx}
+        part = {names[i]: np.ascontiguousarray(weights[names[i]].astype(storage)) for i in idx}
         save_file(part, str(out_dir / fname), metadata={"format": "pt"})
         for n, a in part.items():
             weight_map[n] = fname

@@ -1,0 +1,395 @@
+"""`cl3 bench`: the authors' quantization table (Size, BPW, PPL, pp/tg ms/token per type) measured on this machine.
+
+For each type: quantize (reusing files already made), then size (GiB of the file), BPW (tensor bits / parameters, as
+llama.cpp counts them), perplexity (cl3.measure, llama-perplexity's method; KL divergence vs F16 on request) and
+llama-bench-style pp/tg speed. Each finished cell is saved to NAME.json at once, so an interrupted run resumes where
+it stopped; cells measured with other settings are recomputed. The table is written as NAME.md, NAME.csv, NAME.json
+and, when matplotlib is installed, NAME.png (size vs perplexity, and speed).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import io
+import json
+import os
+import platform
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import llama, measure
+from .errors import InputError, UsageError
+from .files import atomic_output
+from .plan import AUTHORS_TYPES
+
+Stage = Callable[[str, str], AbstractContextManager[Callable[[int, int], None]]]
+
+# rows of the table: (csv key, label in the authors' layout, format)
+ROWS = [
+    ("size_gib", "Size (GiB)", "{:.2f}"),
+    ("bpw", "BPW", "{:.2f}"),
+    ("ppl", "PPL", "{:.3f}"),
+    ("kld_mean", "KLD vs F16", "{:.4f}"),
+    ("same_top", "Same top (%)", "{:.1f}"),
+    ("pp_ms_per_token", "PP (ms/token)", "{:.2f}"),
+    ("tg_ms_per_token", "TG (ms/token)", "{:.2f}"),
+]
+
+
+@dataclass
+class BenchSettings:
+    ctx: int = 8192
+    chunks: int | None = None
+    text: str = "cl3:evaluation"        # dataset name of the text (built-in name with its hash, or a file path)
+    text_sha256: str = ""
+    imatrix: str | None = None          # imatrix provenance ("cl3:calibration@…", or a file), None = none
+    kld: bool = False
+    n_prompt: int = 512
+    n_gen: int = 128
+    repetitions: int = 5
+    threads: int | None = None
+    n_gpu_layers: int = -1
+
+
+@dataclass
+class BenchTable:
+    name: str
+    source: str
+    types: list[str]
+    settings: BenchSettings
+    cells: dict[str, dict] = field(default_factory=dict)     # type -> {metric: value, "model": path, ...}
+    machine: dict = field(default_factory=dict)
+    started: str = ""
+
+    def value(self, type_name: str, key: str):
+        return self.cells.get(type_name, {}).get(key)
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """The rows worth showing: KLD rows only when measured."""
+        return [r for r in ROWS if any(self.value(t, r[0]) is not None for t in self.types)]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "source": self.source, "types": self.types, "settings": vars(self.settings),
+                "machine": self.machine, "started": self.started, "cells": self.cells,
+                "method": METHOD}
+
+
+METHOD = {
+    "size_gib": "GGUF file size / 2^30",
+    "bpw": "llama_model_size * 8 / llama_model_n_params (tensor bits per parameter)",
+    "ppl": "llama-perplexity's method: BOS-prefixed tokenization, non-overlapping chunks of ctx tokens, BOS as "
+           "the first token of each chunk, only the second half of each chunk scored",
+    "kld_mean": "mean KL(P_F16 || P_type) over the scored tokens (llama-perplexity --kl-divergence)",
+    "pp_ms_per_token": "llama-bench pp test: mean time of the timed runs / prompt tokens (random tokens, warm-up)",
+    "tg_ms_per_token": "llama-bench tg test: mean time of the timed runs / generated tokens (1 token per decode)",
+}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    ram = None
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    info = llama.backend_info()
+    return {"cpu": cpu, "cores": llama.physical_cpu_count(), "ram_gib": round(ram / 2**30, 1) if ram else None,
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "backend": info["backend"], "devices": info["devices"],
+            "llama_cpp_python": info["llama_cpp_python"], "llama_cpp_system_info": info["system_info"]}
+
+
+def _text_and_name(text_file: str | os.PathLike | None) -> tuple[str, str]:
+    from . import calibration
+
+    if text_file is None:
+        return calibration.evaluation_text(), calibration.builtin_name(calibration.EVALUATION)
+    return calibration.read_text_files([text_file]), str(text_file)
+
+
+def _source_gguf(src: Path, work_dir: Path, stage: Stage | None) -> Path:
+    """The F32/F16/BF16 GGUF to quantize from; an HF checkpoint is converted to F16 once (kept in work_dir)."""
+    if src.is_file():
+        return src
+    if not src.is_dir():
+        raise InputError(f"no such file or directory: {src}")
+    from .convert import convert
+
+    out = work_dir / f"{src.name}-F16.gguf"
+    if not out.exists():
+        with _stage(stage, "converting to F16", "bytes") as update:
+            convert(src, out, "f16", progress=update)
+    return out
+
+
+def _stage(stage: Stage | None, description: str, unit: str):
+    import contextlib
+
+    if stage is None:
+        return contextlib.nullcontext(None)
+    return stage(description, unit)
+
+
+def _model_for(type_name: str, source, source_ftype: int | None, work_dir: Path, imatrix, stage: Stage | None) -> Path:
+    """The quantized file of ``type_name`` (made once; reused when it is already there)."""
+    from . import quantize
+
+    file_type = quantize.resolve_types([type_name])[0]
+    if file_type.ftype == source_ftype:
+        return source.path
+    out = work_dir / source.output_name(file_type)
+    if not out.exists():
+        quantize.quantize(source.path, [type_name], out=out, imatrix=imatrix, stage=stage)
+    return out
+
+
+def load_table(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InputError(f"{path} exists but is not a cl3 bench table (JSON); remove it or choose another --out") from None
+
+
+def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | os.PathLike,
+          imatrix: str | os.PathLike | bool | None = None, ctx: int = 8192, chunks: int | None = None,
+          text_file: str | os.PathLike | None = None, kld: bool = False, n_prompt: int = 512, n_gen: int = 128,
+          repetitions: int = 5, threads: int | None = None, n_gpu_layers: int = -1,
+          work_dir: str | os.PathLike | None = None, stage: Stage | None = None, on_cell: Callable[[BenchTable], None] | None = None) -> BenchTable:
+    """Measure every type and write OUT.md/.csv/.json(/.png); resumes from OUT.json when its settings match."""
+    from . import quantize
+
+    src = Path(src)
+    out = Path(out)
+    if out.suffix in (".md", ".csv", ".json", ".png"):
+        out = out.with_suffix("")
+    if not out.parent.is_dir():
+        raise InputError(f"output directory does not exist: {out.parent}")
+    type_names = [t.strip().upper() for t in (types or AUTHORS_TYPES) if t.strip()]
+    for t in type_names:
+        quantize.resolve_types([t])  # unknown names fail here, before any work
+    if ctx < 16:
+        raise UsageError("--ctx must be at least 16")
+    if not src.exists():
+        raise InputError(f"no such file or directory: {src}")
+    work = Path(work_dir) if work_dir else out.parent / f"{out.name}.models"
+    work.mkdir(parents=True, exist_ok=True)
+
+    text, text_name = _text_and_name(text_file)
+    imatrix_name = None
+    if imatrix is True:
+        from . import calibration
+
+        imatrix_name = calibration.builtin_name(calibration.CALIBRATION)
+    elif imatrix:
+        imatrix_name = str(imatrix)
+    settings = BenchSettings(ctx=ctx, chunks=chunks, text=text_name,
+                             text_sha256=hashlib.sha256(text.encode()).hexdigest(), imatrix=imatrix_name, kld=kld,
+                             n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads,
+                             n_gpu_layers=n_gpu_layers)
+    table = BenchTable(out.name, str(src), type_names, settings, machine=machine_info(),
+                       started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    previous = load_table(out.with_suffix(".json"))
+    if previous and previous.get("settings") == vars(settings) and previous.get("source") == str(src):
+        table.cells = {t: c for t, c in previous.get("cells", {}).items() if t in type_names}
+        table.started = previous.get("started", table.started)
+
+    from .gguf_info import field_value, open_gguf
+
+    source_path = _source_gguf(src, work, stage)
+    source = quantize.Source.open(source_path)
+    source_ftype = field_value(open_gguf(source_path), "general.file_type")
+    # files quantized with an imatrix live apart from plain ones, so neither is ever taken for the other
+    quant_dir = work
+    if imatrix_name:
+        quant_dir = work / f"imatrix-{hashlib.sha256(imatrix_name.encode()).hexdigest()[:8]}"
+        quant_dir.mkdir(exist_ok=True)
+    base_model = None
+    if kld:
+        base_model = _model_for("F16", source, source_ftype, work, None, stage)
+    for type_name in type_names:
+        cell = table.cells.setdefault(type_name, {})
+        model = _model_for(type_name, source, source_ftype, quant_dir, imatrix if type_name != "F16" else None, stage)
+        cell["model"] = str(model)
+        if "size_gib" not in cell:
+            with llama.MeasureContext(model, n_ctx=16, n_batch=16) as mctx:
+                cell["size_gib"] = model.stat().st_size / 2**30
+                cell["size_bytes"] = model.stat().st_size
+                cell["bpw"] = mctx.model_bytes * 8 / mctx.n_params
+                cell["description"] = mctx.description
+            _save(table, out)
+        if "ppl" not in cell:
+            with _stage(stage, f"{type_name}: perplexity", "chunks") as update:
+                use_base = base_model if kld and type_name != "F16" else None
+                r = measure.perplexity(model, text, n_ctx=ctx, chunks=chunks, threads=threads,
+                                       n_gpu_layers=n_gpu_layers, kld_base=use_base, progress=update)
+            cell.update(ppl=r.ppl, ppl_stderr=r.stderr, chunks=r.chunks, scored_tokens=r.tokens,
+                        ppl_seconds=r.seconds)
+            if r.kld is not None:
+                cell.update(kld_mean=r.kld.kld_mean, kld_stderr=r.kld.kld_stderr, kld_median=r.kld.kld_median,
+                            kld_p99=r.kld.kld_p99, same_top=100 * r.kld.same_top, dp_rms=100 * r.kld.dp_rms)
+            _save(table, out)
+        if "pp_ms_per_token" not in cell and "tg_ms_per_token" not in cell:
+            with _stage(stage, f"{type_name}: speed", "runs") as update:
+                s = measure.speed(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads,
+                                  n_gpu_layers=n_gpu_layers, progress=update)
+            pp, tg = s.test("pp"), s.test("tg")
+            if pp:
+                cell.update(pp_ms_per_token=pp.ms_per_token, pp_tokens_per_s=pp.avg_ts, pp_stdev_ts=pp.stdev_ts)
+            if tg:
+                cell.update(tg_ms_per_token=tg.ms_per_token, tg_tokens_per_s=tg.avg_ts, tg_stdev_ts=tg.stdev_ts)
+            cell["threads"] = s.threads
+            _save(table, out)
+        if on_cell:
+            on_cell(table)
+    _save(table, out, final=True)
+    return table
+
+
+def _save(table: BenchTable, out: Path, final: bool = False) -> None:
+    with atomic_output(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(table.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+    with atomic_output(out.with_suffix(".csv")) as tmp:
+        tmp.write_text(render_csv(table), encoding="utf-8")
+    with atomic_output(out.with_suffix(".md")) as tmp:
+        tmp.write_text(render_markdown(table), encoding="utf-8")
+    if final:
+        plot(table, out.with_suffix(".png"))
+
+
+# ---------------------------------------------------------------------------------------------------------- render
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else spec.format(value)
+
+
+def render_csv(table: BenchTable) -> str:
+    """Rows = metrics, columns = types (the layout of quant_tables/*.published.csv)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["metric", *table.types])
+    for key, _, _ in table.rows():
+        w.writerow([key, *[("" if table.value(t, key) is None else repr(round(table.value(t, key), 6)))
+                           for t in table.types]])
+    return buf.getvalue()
+
+
+def render_markdown(table: BenchTable) -> str:
+    s, m = table.settings, table.machine
+    lines = [f"# {table.name}: quantization table measured by cl3", "",
+             f"| | {' | '.join(table.types)} |", "|---|" + "---|" * len(table.types)]
+    for key, label, spec in table.rows():
+        lines.append(f"| {label} | " + " | ".join(_fmt(table.value(t, key), spec) for t in table.types) + " |")
+    lines += ["", "How these numbers were obtained:", "",
+              f"- Source: `{table.source}`; quantized with llama.cpp (llama-cpp-python {m.get('llama_cpp_python')})"
+              + (f", importance matrix: {s.imatrix}" if s.imatrix else ", no importance matrix") + ".",
+              f"- Size: GiB of the GGUF file. BPW: {METHOD['bpw']}.",
+              f"- PPL: {METHOD['ppl']}; ctx {s.ctx}, text `{s.text}` (sha256 {s.text_sha256[:12]}…)"
+              + (f", first {s.chunks} chunks" if s.chunks else "") + ".",
+              *([f"- KLD: {METHOD['kld_mean']}."] if s.kld else []),
+              (f"- PP/TG: {METHOD['pp_ms_per_token']} (pp{s.n_prompt}); {METHOD['tg_ms_per_token']} "
+               f"(tg{s.n_gen}); {s.repetitions} timed runs; lower is faster."),
+              (f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, {m.get('os')}, "
+               f"backend {m.get('backend')}; {m.get('llama_cpp_system_info')}"), ""]
+    return "\n".join(lines)
+
+
+def render_rich(table: BenchTable):
+    from rich.table import Table
+
+    t = Table(title=f"{table.name} ({table.machine.get('backend')}, ctx {table.settings.ctx})")
+    t.add_column("")
+    for name in table.types:
+        t.add_column(name, justify="right")
+    for key, label, spec in table.rows():
+        t.add_row(label, *[_fmt(table.value(n, key), spec) for n in table.types])
+    return t
+
+
+def plot(table: BenchTable, path: Path) -> Path | None:
+    """Size vs perplexity, and pp/tg ms/token per type; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    done = [t for t in table.types if table.value(t, "ppl") is not None and table.value(t, "size_gib") is not None]
+    if not done:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    gib = max(table.value(t, "size_gib") for t in done) >= 1
+    xs = [table.value(t, "size_gib") * (1 if gib else 1024) for t in done]
+    ys = [table.value(t, "ppl") for t in done]
+    ax1.plot(xs, ys, "o-")
+    for t, x, y in zip(done, xs, ys):
+        ax1.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax1.set_xlabel("size (GiB)" if gib else "size (MiB)")
+    ax1.set_ylabel(f"perplexity (ctx {table.settings.ctx})")
+    ax1.set_title("size vs perplexity")
+    idx = range(len(table.types))
+    for key, label, offset in (("pp_ms_per_token", "PP", -0.2), ("tg_ms_per_token", "TG", 0.2)):
+        vals = [table.value(t, key) or 0 for t in table.types]
+        ax2.bar([i + offset for i in idx], vals, width=0.4, label=label)
+    ax2.set_xticks(list(idx), table.types, rotation=45)
+    ax2.set_ylabel("ms/token (lower is faster)")
+    ax2.set_title(f"speed ({table.machine.get('backend')}, {table.machine.get('cores')} cores)")
+    ax2.legend()
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------- compare
+
+def read_table_csv(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """A metrics × types CSV (ours or quant_tables/*.published.csv) → {metric: {type: value}}."""
+    path = Path(path)
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+    except (OSError, UnicodeDecodeError) as ex:
+        raise InputError(f"cannot read {path}: {ex}") from None
+    if not rows or not rows[0] or rows[0][0] != "metric":
+        raise InputError(f"{path} is not a table CSV (its first cell must be 'metric')")
+    types = rows[0][1:]
+    table: dict[str, dict[str, float]] = {}
+    for row in rows[1:]:
+        if not row:
+            continue
+        values = {}
+        for t, v in zip(types, row[1:]):
+            if v.strip():
+                try:
+                    values[t] = float(v)
+                except ValueError:
+                    raise InputError(f"{path}: {row[0]}/{t} is not a number: {v!r}") from None
+        table[row[0]] = values
+    return table
+
+
+def compare(table: BenchTable, published: dict[str, dict[str, float]]) -> list[dict]:
+    """Published vs measured per metric and type, with measured/published ratios."""
+    result = []
+    for key, label, _spec in ROWS:
+        if key not in published:
+            continue
+        for t in table.types:
+            pub, mine = published[key].get(t), table.value(t, key)
+            if pub is None and mine is None:
+                continue
+            result.append({"metric": key, "label": label, "type": t, "published": pub, "measured": mine,
+                           "ratio": (mine / pub) if pub and mine is not None else None})
+    return result

@@ -1,0 +1,128 @@
+"""`cl3 ppl` and `cl3 speed`: perplexity / KL divergence and pp/tg speed, as llama-perplexity and llama-bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .app import app, err, out
+
+
+def _running_ppl_bar(quiet: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("PPL {task.fields[ppl]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err, disable=quiet, transient=True)
+
+
+@app.command()
+def ppl(
+    model: Path = typer.Argument(..., help="GGUF model."),
+    text: Path = typer.Option(None, "--text", "-f", help="UTF-8 text file (default: cl3's built-in evaluation text)."),
+    ctx: int = typer.Option(512, "-c", "--ctx", help="Context (chunk) size in tokens."),
+    chunks: int = typer.Option(None, "--chunks", help="Score at most this many chunks."),
+    batch: int = typer.Option(2048, "-b", "--batch", help="Tokens per decode; n_batch // ctx chunks run side by side."),
+    kld_base: Path = typer.Option(None, "--kld-base", help="Base model (GGUF) or base-logits file to compute the "
+                                  "KL divergence against."),
+    save_kld_base: Path = typer.Option(None, "--save-kld-base", help="Write this model's logits as a KLD base file "
+                                       "(llama-perplexity --kl-divergence-base format)."),
+    threads: int = typer.Option(None, "-t", "--threads", help="Threads (default: physical cores)."),
+    n_gpu_layers: int = typer.Option(-1, "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU (-1: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+) -> None:
+    """Perplexity of MODEL on a text, the way llama-perplexity computes it (and KL divergence with --kld-base)."""
+    from .. import measure
+    from ..calibration import read_text_files
+
+    body = read_text_files([text]) if text is not None else None
+    with _running_ppl_bar(quiet or as_json) as bar:
+        task = bar.add_task("perplexity", total=None, ppl="…")
+
+        def on_chunk(done: int, running: float) -> None:
+            bar.update(task, ppl=f"{running:.4f}")
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        if save_kld_base is not None:
+            result = measure.save_base_logits(model, save_kld_base, body, n_ctx=ctx, n_batch=batch, chunks=chunks,
+                                              threads=threads, n_gpu_layers=n_gpu_layers, progress=progress)
+        else:
+            result = measure.perplexity(model, body, n_ctx=ctx, n_batch=batch, chunks=chunks, threads=threads,
+                                        n_gpu_layers=n_gpu_layers, kld_base=kld_base, progress=progress,
+                                        on_chunk=on_chunk)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    out.print(f"[bold]PPL = {result.ppl:.4f} ± {result.stderr:.5f}[/]  ({result.chunks} chunks of {result.n_ctx} "
+              f"tokens, {result.tokens} scored tokens, {result.seconds:.1f} s, {result.threads} threads)")
+    if save_kld_base is not None:
+        out.print(f"wrote the KLD base {save_kld_base} ({save_kld_base.stat().st_size / 2**20:.1f} MiB)")
+    if result.kld is not None:
+        k = result.kld
+        table = Table(title=f"KL divergence vs {kld_base}", show_header=True)
+        table.add_column("statistic")
+        table.add_column("value", justify="right")
+        rows = [
+            ("Mean PPL(base)", f"{k.ppl_base:.6f} ± {k.ppl_base_stderr:.6f}"),
+            ("Mean ln(PPL(Q)/PPL(base))", f"{k.ln_ppl_ratio:.6f} ± {k.ln_ppl_ratio_stderr:.6f}"),
+            ("Mean KLD", f"{k.kld_mean:.6f} ± {k.kld_stderr:.6f}"),
+            ("Median KLD", f"{k.kld_median:.6f}"),
+            ("95% KLD", f"{k.kld_p95:.6f}"),
+            ("99% KLD", f"{k.kld_p99:.6f}"),
+            ("Maximum KLD", f"{k.kld_max:.6f}"),
+            ("RMS Δp", f"{100 * k.dp_rms:.3f} ± {100 * k.dp_rms_stderr:.3f} %"),
+            ("Same top p", f"{100 * k.same_top:.3f} ± {100 * k.same_top_stderr:.3f} %"),
+        ]
+        for name, value in rows:
+            table.add_row(name, value)
+        out.print(table)
+
+
+@app.command()
+def speed(
+    model: Path = typer.Argument(..., help="GGUF model."),
+    n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens of the pp test (0: skip it)."),
+    n_gen: int = typer.Option(128, "-n", "--n-gen", help="Generated tokens of the tg test (0: skip it)."),
+    repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed runs of each test."),
+    threads: int = typer.Option(None, "-t", "--threads", help="Threads (default: physical cores)."),
+    n_gpu_layers: int = typer.Option(-1, "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU (-1: all)."),
+    batch: int = typer.Option(2048, "-b", "--batch", help="Logical batch size (n_batch)."),
+    ubatch: int = typer.Option(512, "-ub", "--ubatch", help="Physical batch size (n_ubatch)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+) -> None:
+    """Prompt-processing and text-generation speed, the way llama-bench measures them."""
+    from .. import measure
+
+    with Progress(TextColumn("benchmarking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=quiet or as_json, transient=True) as bar:
+        task = bar.add_task("runs", total=None)
+        result = measure.speed(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads,
+                               n_gpu_layers=n_gpu_layers, n_batch=batch, n_ubatch=ubatch,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    print_speed(result)
+
+
+def print_speed(result) -> None:
+    table = Table(show_header=True)
+    for col in ("model", "size", "params", "backend", "threads", "test", "t/s", "ms/token"):
+        table.add_column(col, justify="left" if col in ("model", "backend", "test") else "right")
+    size = (f"{result.model_bytes / 2**30:.2f} GiB" if result.model_bytes >= 2**30
+            else f"{result.model_bytes / 2**20:.2f} MiB")
+    params = f"{result.n_params / 1e9:.2f} B" if result.n_params >= 1e9 else f"{result.n_params / 1e6:.2f} M"
+    for t in result.tests:
+        table.add_row(result.description, size, params,
+                      result.backend.get("backend", "?"), str(result.threads), t.name,
+                      f"{t.avg_ts:.2f} ± {t.stdev_ts:.2f}", f"{t.ms_per_token:.3f} ± {t.ms_per_token_stdev:.3f}")
+    out.print(table)
+    out.print(f"[dim]llama-cpp-python {result.backend.get('llama_cpp_python')}, {result.repetitions} runs after a "
+              f"warm-up, n_batch {result.n_batch}, n_ubatch {result.n_ubatch}; "
+              f"{result.backend.get('system_info', '')}[/]", highlight=False)

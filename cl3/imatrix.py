@@ -1,0 +1,484 @@
+"""Importance matrices: collect activation statistics while llama.cpp evaluates text, and read/write llama.cpp's files.
+
+Collection mirrors llama.cpp's ``llama-imatrix`` (tools/imatrix/imatrix.cpp): the scheduler's eval callback is asked
+about every graph node; cl3 takes every MUL_MAT_ID, and every MUL_MAT whose weight is a ``blk.*`` tensor (optionally
+``output.weight``) with at least 16 F32 input rows. For each, the squares of the input rows are summed per column
+(per expert for MoE) and the rows are counted. The text is cut into chunks of ``n_ctx`` tokens; each chunk starts with
+BOS when the vocabulary adds one, and every token requests its logits (as llama-imatrix does, which also keeps the last
+layer computing every row).
+
+Files: the GGUF format (``general.type = imatrix``, ``imatrix.datasets``, ``imatrix.chunk_count``,
+``imatrix.chunk_size``, tensors ``<weight>.in_sum2`` and ``<weight>.counts``), and the legacy ``.dat`` format (read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import llama
+from .errors import InputError, LlamaError, UsageError
+from .files import atomic_output
+
+IMATRIX_DATASETS = "imatrix.datasets"
+IMATRIX_CHUNK_COUNT = "imatrix.chunk_count"
+IMATRIX_CHUNK_SIZE = "imatrix.chunk_size"
+MIN_ROWS = 16  # llama-imatrix ignores matrix multiplications over fewer rows
+
+
+@dataclass
+class Entry:
+    """Sums of squared inputs per column, one row per matrix (expert), and how many input rows each matrix saw."""
+
+    sums: np.ndarray    # float64 while collecting, float32 when read; shape (n_mat, n_cols)
+    counts: np.ndarray  # int64, shape (n_mat,)
+
+
+@dataclass
+class Imatrix:
+    entries: dict[str, Entry] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+    is_legacy: bool = False      # legacy .dat: sums already normalised to (sum / count) * ncall, counts = [ncall]
+    has_metadata: bool = True
+
+    def importances(self) -> dict[str, np.ndarray]:
+        """Per-weight column importances as llama-quantize computes them from this file (float32, flattened)."""
+        out = {}
+        for name, e in self.entries.items():
+            sums = np.asarray(e.sums, dtype=np.float32).reshape(len(e.counts), -1)
+            counts = np.asarray(e.counts).astype(np.float32)
+            if self.is_legacy:
+                ncall = counts[0] if len(counts) else 0
+                values = sums / np.float32(ncall) if ncall > 0 else sums.copy()
+            else:
+                values = np.ones_like(sums)
+                seen = counts > 0
+                values[seen] = sums[seen] / counts[seen, None]
+            out[name] = values.reshape(-1)
+        return out
+
+    def copy(self) -> Imatrix:
+        return Imatrix({n: Entry(e.sums.copy(), e.counts.copy()) for n, e in self.entries.items()},
+                       list(self.datasets), self.chunk_count, self.chunk_size, self.is_legacy, self.has_metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------------
+
+def read_imatrix(path: str | os.PathLike) -> Imatrix:
+    """Read a GGUF imatrix (llama-imatrix or cl3) or a legacy ``.dat`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"imatrix file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return _read_gguf(path)
+    return _read_legacy(path)
+
+
+def _read_gguf(path: Path) -> Imatrix:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as ex:  # noqa: BLE001 - gguf raises ValueError, struct.error, ... on damaged files
+        raise InputError(f"{path} is not a readable GGUF file ({ex})") from None
+    general_type = reader.get_field("general.type")
+    if general_type is not None and general_type.contents() != "imatrix":
+        raise InputError(f"{path} is a GGUF {general_type.contents()} file, not an imatrix")
+    fields = {name: reader.get_field(name) for name in (IMATRIX_DATASETS, IMATRIX_CHUNK_COUNT, IMATRIX_CHUNK_SIZE)}
+    imatrix = Imatrix(has_metadata=all(f is not None for f in fields.values()))
+    if fields[IMATRIX_DATASETS] is not None:
+        imatrix.datasets = list(fields[IMATRIX_DATASETS].contents())
+    if fields[IMATRIX_CHUNK_COUNT] is not None:
+        imatrix.chunk_count = int(fields[IMATRIX_CHUNK_COUNT].contents())
+    if fields[IMATRIX_CHUNK_SIZE] is not None:
+        imatrix.chunk_size = int(fields[IMATRIX_CHUNK_SIZE].contents())
+    if not reader.tensors:
+        raise InputError(f"{path} holds no imatrix data")
+
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for tensor in reader.tensors:
+        for suffix in (".in_sum2", ".counts"):
+            if tensor.name.endswith(suffix):
+                if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
+                    raise InputError(f"{path}: {tensor.name} must be F32")
+                pairs.setdefault(tensor.name[: -len(suffix)], {})[suffix] = np.array(tensor.data, dtype=np.float32)
+    for name, pair in sorted(pairs.items()):
+        if len(pair) != 2:
+            raise InputError(f"{path}: mismatched sums and counts for {name}")
+        counts = np.array([round(float(c)) for c in pair[".counts"].reshape(-1)], dtype=np.int64)
+        sums = pair[".in_sum2"].reshape(-1)
+        if len(counts) == 0 or sums.size % len(counts):
+            raise InputError(f"{path}: {name} has {sums.size} sums for {len(counts)} counts")
+        imatrix.entries[name] = Entry(sums.reshape(len(counts), -1), counts)
+    if not imatrix.entries:
+        raise InputError(f"{path} holds no imatrix data")
+    return imatrix
+
+
+def _read_legacy(path: Path) -> Imatrix:
+    """The pre-GGUF ``.dat`` format: n_entries, then per entry (name, ncall, nval, values), then optional
+    chunk count and dataset name."""
+    data = path.read_bytes()
+    bad = InputError(f"{path} is neither a GGUF imatrix nor a legacy imatrix (.dat) file")
+    offset = 0
+
+    def take(fmt: str):
+        nonlocal offset
+        size = struct.calcsize(fmt)
+        if offset + size > len(data):
+            raise bad
+        values = struct.unpack_from(fmt, data, offset)
+        offset += size
+        return values
+
+    (n_entries,) = take("<i")
+    if n_entries < 1 or n_entries > len(data) // 12:
+        raise bad
+    imatrix = Imatrix(is_legacy=True)
+    for _ in range(n_entries):
+        (length,) = take("<i")
+        if length < 0 or offset + length > len(data):
+            raise bad
+        try:
+            name = data[offset: offset + length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad from None
+        offset += length
+        ncall, nval = take("<ii")
+        if nval < 1 or offset + 4 * nval > len(data):
+            raise bad
+        sums = np.frombuffer(data, dtype="<f4", count=nval, offset=offset).astype(np.float32)
+        offset += 4 * nval
+        imatrix.entries[name] = Entry(sums.reshape(1, -1), np.array([ncall], dtype=np.int64))
+    if offset + 4 <= len(data):
+        (imatrix.chunk_count,) = take("<i")
+        if offset + 4 <= len(data):
+            (length,) = take("<i")
+            if 0 < length <= len(data) - offset:
+                imatrix.datasets.append(data[offset: offset + length].decode("utf-8", errors="replace"))
+    return imatrix
+
+
+def write_imatrix(imatrix: Imatrix, path: str | os.PathLike) -> Path:
+    """Write ``imatrix`` in llama.cpp's GGUF imatrix format (atomically). Entries are stored in sorted name order."""
+    import gguf
+
+    if imatrix.is_legacy:
+        imatrix = to_raw(imatrix, imatrix.chunk_size or 512)
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch="")
+        writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
+        writer.add_string(gguf.Keys.General.TYPE, "imatrix")
+        writer.add_key_value(IMATRIX_DATASETS, list(imatrix.datasets), gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.STRING)
+        writer.add_uint32(IMATRIX_CHUNK_COUNT, imatrix.chunk_count)
+        writer.add_uint32(IMATRIX_CHUNK_SIZE, imatrix.chunk_size)
+        for name in sorted(imatrix.entries):
+            e = imatrix.entries[name]
+            n_mat = len(e.counts)
+            if n_mat == 0 or e.sums.size == 0:
+                continue
+            writer.add_tensor(f"{name}.in_sum2", np.asarray(e.sums, dtype=np.float32).reshape(n_mat, -1))
+            writer.add_tensor(f"{name}.counts", np.asarray(e.counts, dtype=np.float32).reshape(n_mat, 1))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def to_raw(imatrix: Imatrix, chunk_size: int) -> Imatrix:
+    """Turn a legacy imatrix into raw sums and counts, as llama-imatrix does when it loads one."""
+    if not imatrix.is_legacy:
+        return imatrix
+    raw = Imatrix(datasets=list(imatrix.datasets), chunk_size=chunk_size, chunk_count=imatrix.chunk_count)
+    for name, e in imatrix.entries.items():
+        raw.entries[name] = Entry(np.asarray(e.sums, dtype=np.float64) * chunk_size,
+                                  np.array([int(e.counts[0]) * chunk_size], dtype=np.int64))
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Collection
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _weight_name(name: str) -> str:
+    """``CUDA0#blk.0.attn_k.weight#0`` -> ``blk.0.attn_k.weight`` (llama-imatrix's filter_tensor_name)."""
+    if "#" in name:
+        name = name.split("#", 2)[1]
+    return name
+
+
+class Collector:
+    """The eval callback: accumulates squared inputs of weight multiplications into ``self.entries``."""
+
+    def __init__(self, *, process_output: bool = False, start: Imatrix | None = None) -> None:
+        self.process_output = process_output
+        self.entries: dict[str, Entry] = {}
+        self.error: BaseException | None = None
+        if start is not None:
+            for name, e in start.entries.items():
+                self.entries[name] = Entry(np.asarray(e.sums, dtype=np.float64).copy(), e.counts.copy())
+
+    def __call__(self, t: llama.GgmlTensor, ask: bool) -> bool:
+        if self.error is not None:
+            return not ask  # an earlier call failed: collect nothing more, let llama.cpp finish the graph
+        try:
+            if ask:
+                return self._wants(t)
+            self._collect(t)
+        except BaseException as ex:  # noqa: BLE001 - re-raised by the caller after llama_decode returns
+            self.error = ex
+        return True
+
+    def _wants(self, t: llama.GgmlTensor) -> bool:
+        if t.op == llama.GGML_OP_MUL_MAT_ID:
+            return True
+        if t.op != llama.GGML_OP_MUL_MAT:
+            return False
+        src1 = llama.tensor_at(t.src[1])
+        if src1.ne[1] < MIN_ROWS or src1.type != llama.GGML_TYPE_F32:
+            return False
+        name = _weight_name(llama.tensor_name(llama.tensor_at(t.src[0])))
+        return name.startswith("blk.") or (self.process_output and name == "output.weight")
+
+    def _collect(self, t: llama.GgmlTensor) -> None:
+        src0 = llama.tensor_at(t.src[0])
+        src1 = llama.tensor_at(t.src[1])
+        name = _weight_name(llama.tensor_name(src0))
+        x = llama.tensor_array(src1)  # (ne3, ne2, ne1, ne0)
+        ne0 = src1.ne[0]
+        if t.op == llama.GGML_OP_MUL_MAT_ID:
+            self._collect_experts(t, src0, src1, name, x, ne0)
+            return
+        n_mat = src0.ne[2] * src0.ne[3]
+        e = self._entry(name, n_mat, ne0, 1)
+        if len(e.counts) > 1 and np.all(e.counts == e.counts[0]):
+            e.counts = e.counts[:1].copy()
+        if n_mat == 1:
+            rows = x.reshape(-1, ne0)
+            e.sums[0] += np.einsum("ij,ij->j", rows, rows, dtype=np.float32)
+        else:
+            for i3 in range(src1.ne[3]):
+                for i2 in range(src1.ne[2]):
+                    mat = (i3 % src0.ne[3]) * src0.ne[2] + (i2 % src0.ne[2])
+                    rows = x[i3, i2]
+                    e.sums[mat] += np.einsum("ij,ij->j", rows, rows, dtype=np.float32)
+        if not np.all(np.isfinite(e.sums)):
+            raise LlamaError(f"non-finite activations in {name}")
+        e.counts += llama.tensor_rows(src1) // n_mat
+
+    def _collect_experts(self, t, src0, src1, name: str, x: np.ndarray, ne0: int) -> None:
+        # ids: [n_expert_used, n_tokens] (int32, maybe strided); src1: [cols, n_expert_used or 1, n_tokens]
+        ids_t = llama.tensor_at(t.src[2])
+        ids = llama.tensor_array(ids_t, dtype=np.int32)[0, 0]  # (n_tokens, n_ids)
+        n_as = src0.ne[2]
+        if llama.tensor_rows(src1) != src1.ne[1] * src1.ne[2]:
+            raise LlamaError(f"{name}: expert inputs with more than 3 dimensions are not supported")
+        e = self._entry(name, n_as, ne0, n_as)
+        if len(e.counts) == 1 and n_as > 1:
+            e.counts = np.full(n_as, e.counts[0], dtype=np.int64)
+        if len(e.counts) != n_as:
+            raise LlamaError(f"inconsistent expert count for {name} ({len(e.counts)} vs {n_as})")
+        if ids.size and (ids.min() < 0 or ids.max() >= n_as):
+            raise LlamaError(f"expert id out of range in {name}")
+        x3 = x[0]  # (n_tokens, n_src_rows, ne0)
+        n_ids = ids.shape[1]
+        for idx in range(n_ids):
+            rows = x3[:, idx % src1.ne[1], :]
+            squares = np.square(rows, dtype=np.float32)
+            experts = ids[:, idx]
+            np.add.at(e.sums, experts, squares)
+            e.counts += np.bincount(experts, minlength=n_as)
+        touched = np.unique(ids)
+        if not np.all(np.isfinite(e.sums[touched])):
+            raise LlamaError(f"non-finite activations in {name}")
+
+    def _entry(self, name: str, n_mat: int, ne0: int, n_counts: int) -> Entry:
+        e = self.entries.get(name)
+        if e is None:
+            e = self.entries[name] = Entry(np.zeros((n_mat, ne0), dtype=np.float64), np.zeros(n_counts, np.int64))
+        elif e.sums.size != n_mat * ne0:
+            raise LlamaError(f"inconsistent size for {name} ({e.sums.size} vs {n_mat * ne0})")
+        else:
+            e.sums = e.sums.reshape(n_mat, ne0)
+        return e
+
+    def snapshot(self) -> dict[str, Entry]:
+        return {n: Entry(e.sums.copy(), e.counts.copy()) for n, e in self.entries.items()}
+
+
+@dataclass
+class ImatrixResult:
+    imatrix: Imatrix
+    perplexity: float | None
+    chunks_done: int       # chunks evaluated by this run (not counting resumed ones)
+
+
+def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx: int = 512,
+                    chunks: int | None = None, n_batch: int = 2048, threads: int | None = None, gpu_layers: int = 0,
+                    parse_special: bool = False, process_output: bool = False, resume: Imatrix | None = None,
+                    checkpoint: Callable[[Imatrix], None] | None = None, checkpoint_every: int = 10,
+                    progress: Callable[[int, int], None] | None = None,
+                    on_perplexity: Callable[[float], None] | None = None) -> ImatrixResult:
+    """Evaluate ``text`` with llama.cpp and collect the importance matrix of ``model``.
+
+    ``resume`` continues a partial imatrix (its chunks are skipped); ``checkpoint(imatrix)`` is called every
+    ``checkpoint_every`` chunks and, on Ctrl-C, with what was collected up to the last complete chunk before
+    KeyboardInterrupt propagates. ``progress(done, total)`` counts chunks; ``on_perplexity`` gets the running value.
+    """
+    model = Path(model)
+    if n_ctx < MIN_ROWS:
+        raise UsageError(f"the context must be at least {MIN_ROWS} tokens")
+    if chunks is not None and chunks < 1:
+        raise UsageError("--chunks must be at least 1")
+    start_chunk = 0
+    datasets = [dataset]
+    if resume is not None:
+        if resume.is_legacy:
+            resume = to_raw(resume, n_ctx)
+        if resume.chunk_size and resume.chunk_size != n_ctx:
+            raise UsageError(f"cannot resume: the partial imatrix used chunks of {resume.chunk_size} tokens, "
+                             f"not {n_ctx}")
+        start_chunk = _chunk_count(resume.entries, n_ctx)
+        datasets = list(resume.datasets) or datasets
+
+    collector = Collector(process_output=process_output, start=resume)
+    # llama-imatrix's batching: with the default logical batch of 2048 tokens, 2048 / n_ctx chunks are evaluated
+    # side by side as separate sequences; a chunk longer than the batch is fed in several decodes.
+    n_seq = max(1, n_batch // n_ctx)
+    n_batch = min(n_batch, n_seq * n_ctx)
+    decodes_per_chunk = -(-n_ctx // n_batch)
+    with llama.EvalModel(model, n_ctx=n_seq * n_ctx, n_batch=n_batch, n_seq=n_seq, n_threads=threads,
+                         n_gpu_layers=gpu_layers, on_eval=collector) as ev:
+        tokens = ev.tokenize(text, add_special=True, parse_special=parse_special)
+        if start_chunk:
+            if (start_chunk + 2) * n_ctx >= len(tokens):
+                raise InputError(f"cannot resume: the text has no chunks left after the {start_chunk} already done")
+            tokens = tokens[start_chunk * n_ctx:]
+        if len(tokens) < 2 * n_ctx:
+            raise InputError(f"the text has only {len(tokens)} tokens; a context of {n_ctx} needs at least "
+                             f"{2 * n_ctx}")
+        n_chunks = len(tokens) // n_ctx
+        if chunks is not None:
+            n_chunks = min(n_chunks, max(chunks - start_chunk, 0))
+
+        def current() -> Imatrix:
+            entries = {n: Entry(e.sums.copy(), e.counts.copy()) for n, e in collector.entries.items()}
+            return Imatrix(entries, datasets, _chunk_count(entries, n_ctx), n_ctx)
+
+        nll, count = 0.0, 0
+        saved = current()
+        first = n_ctx // 2
+        try:
+            with _deferred_interrupt() as interrupted:
+                for i in range(0, n_chunks, n_seq):
+                    if interrupted():
+                        raise KeyboardInterrupt
+                    seqs = range(i, min(i + n_seq, n_chunks))
+                    ev.clear()
+                    logits = []
+                    for j in range(decodes_per_chunk):
+                        parts = []
+                        for c in seqs:
+                            part = tokens[c * n_ctx + j * n_batch: min((c + 1) * n_ctx, c * n_ctx + (j + 1) * n_batch)]
+                            if j == 0 and ev.add_bos:
+                                part = part.copy()
+                                part[0] = ev.bos
+                            parts.append((part, j * n_batch))
+                        ev.decode(parts)
+                        if collector.error is not None:
+                            raise collector.error
+                        if decodes_per_chunk > 1:  # one sequence per decode then
+                            logits.append(ev.logits(len(parts[0][0])).copy())
+                    all_logits = np.concatenate(logits) if logits else ev.logits(len(seqs) * n_ctx)
+                    for s, c in enumerate(seqs):
+                        rows = all_logits[s * n_ctx + first: s * n_ctx + n_ctx - 1]
+                        nll += _nll(rows, tokens[c * n_ctx + first + 1:(c + 1) * n_ctx])
+                        count += n_ctx - 1 - first
+                    saved = current()
+                    done = seqs[-1] + 1
+                    if progress:
+                        progress(done, n_chunks)
+                    if on_perplexity:
+                        on_perplexity(math.exp(nll / count))
+                    if checkpoint and done // checkpoint_every > i // checkpoint_every and done < n_chunks:
+                        checkpoint(saved)
+        except KeyboardInterrupt:
+            if checkpoint and saved.entries:
+                checkpoint(saved)
+            raise
+    return ImatrixResult(saved, math.exp(nll / count) if count else None, n_chunks)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Turn Ctrl-C into a flag checked between chunks: a KeyboardInterrupt raised inside llama.cpp's eval callback
+    could not cross the C boundary and would be lost."""
+    hit = [False]
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+
+    def on_sigint(signum, frame) -> None:
+        if hit[0]:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        hit[0] = True
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: hit[0]
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hit[0]:
+        raise KeyboardInterrupt
+
+
+def _chunk_count(entries: dict[str, Entry], chunk_size: int) -> int:
+    most = max((int(e.counts.max()) for e in entries.values() if len(e.counts)), default=0)
+    return most // chunk_size
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray, block: int = 32) -> float:
+    """Sum of negative log-likelihoods of ``targets`` under ``logits`` (rows), a few rows at a time (128k vocabs)."""
+    total = 0.0
+    for start in range(0, len(targets), block):
+        rows, tgt = logits[start:start + block], targets[start:start + block]
+        top = rows.max(axis=1, keepdims=True)
+        log_z = np.log(np.exp(rows - top).sum(axis=1, dtype=np.float64))
+        total += float(np.sum(log_z - (rows[np.arange(len(tgt)), tgt] - top[:, 0])))
+    return total
+
+
+def check_against_model(imatrix: Imatrix, weights: dict[str, tuple[int, ...]], source: str = "imatrix") -> None:
+    """Raise InputError unless every entry names a weight of the model with a matching size.
+
+    ``weights`` maps tensor names to GGUF shapes (ne0, ne1, ...). The size rule is llama.cpp's: ne0 * ne2.
+    """
+    unknown = [name for name in imatrix.entries if name not in weights]
+    if unknown:
+        raise InputError(f"{source} does not match this model: it has entries for tensors the model lacks "
+                         f"({', '.join(sorted(unknown)[:3])}{', ...' if len(unknown) > 3 else ''})")
+    for name, e in imatrix.entries.items():
+        shape = weights[name]
+        expected = shape[0] * (shape[2] if len(shape) > 2 else 1)
+        if e.sums.size != expected:
+            raise InputError(f"{source} does not match this model: {name} has {e.sums.size} values, "
+                             f"the model needs {expected}")

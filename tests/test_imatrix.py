@@ -1,0 +1,338 @@
+"""`cl3 imatrix`: statistics checked against an independent numpy forward pass, llama.cpp's file formats, resume,
+bad inputs, and parity with llama.cpp's own llama-imatrix when the reference tools are present."""
+
+from __future__ import annotations
+
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from llama_cpp import Llama
+
+from cl3.calibration import calibration_text, evaluation_text
+from cl3.errors import InputError
+from cl3.imatrix import Entry, Imatrix, read_imatrix, write_imatrix
+
+from .conftest import run_cl3
+from .reference import rms_norm, rotary
+
+HF_TO_GGUF = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def weight_inputs(weights: dict[str, np.ndarray], config: dict, tokens: list[int]) -> dict[str, np.ndarray]:
+    """The input rows of every blk.* weight multiplication in a causal Llama pass over ``tokens`` (float64).
+
+    Written from the architecture (as tests/reference.py), not from cl3 or llama.cpp.
+    """
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config["hidden_size"] // n_head
+    eps, theta = config["rms_norm_eps"], config.get("rope_theta", 10000.0)
+    seq = len(tokens)
+    pos = np.arange(seq)
+    mask = np.triu(np.full((seq, seq), -np.inf), k=1)
+    x = w["model.embed_tokens.weight"][tokens]
+    inputs = {}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            inputs[f"blk.{i}.{HF_TO_GGUF[proj]}.weight"] = h
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(seq, n_head, d).transpose(1, 0, 2)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(seq, n_kv, d).transpose(1, 0, 2)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(seq, n_kv, d).transpose(1, 0, 2)
+        q, k = rotary(q, pos, theta), rotary(k, pos, theta)
+        k, v = np.repeat(k, n_head // n_kv, axis=0), np.repeat(v, n_head // n_kv, axis=0)
+        scores = q @ k.transpose(0, 2, 1) / np.sqrt(d) + mask
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        attn = ((scores / scores.sum(axis=-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(seq, n_head * d)
+        inputs[f"blk.{i}.attn_output.weight"] = attn
+        x = x + attn @ w[p + "self_attn.o_proj.weight"].T
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+        inputs[f"blk.{i}.ffn_gate.weight"] = inputs[f"blk.{i}.ffn_up.weight"] = h
+        gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+        act = (gate / (1 + np.exp(-gate))) * up
+        inputs[f"blk.{i}.ffn_down.weight"] = act
+        x = x + act @ w[p + "mlp.down_proj.weight"].T
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(calibration_text()[:20000] + "\n", encoding="utf-8")
+    return path
+
+
+def llama_tokens(model_path, text: str) -> list[int]:
+    """Tokenization by llama.cpp's own tokenizer (BOS added, specials not parsed), as llama-imatrix does."""
+    vocab = Llama(str(model_path), vocab_only=True, verbose=False)
+    return vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+
+def test_imatrix_matches_independent_forward_pass(tiny_llama3, tiny_llama3_gguf, calib_file, tmp_path):
+    out = tmp_path / "tiny.imatrix.gguf"
+    n_ctx, n_chunks = 64, 3
+    result = run_cl3("imatrix", tiny_llama3_gguf, "--calib", calib_file, "-c", n_ctx, "--chunks", n_chunks,
+                     "-o", out, "-q")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+
+    # the file, read with gguf-py's plain reader (not cl3's)
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("general.type").contents() == "imatrix"
+    assert reader.get_field("imatrix.datasets").contents() == [str(calib_file)]
+    assert reader.get_field("imatrix.chunk_count").contents() == n_chunks
+    assert reader.get_field("imatrix.chunk_size").contents() == n_ctx
+    tensors = {t.name: np.array(t.data, dtype=np.float64).reshape(-1) for t in reader.tensors}
+    layers = tiny_llama3.config["num_hidden_layers"]
+    expected_names = {f"blk.{i}.{n}.weight" for i in range(layers) for n in HF_TO_GGUF.values()}
+    assert set(tensors) == {f"{n}{s}" for n in expected_names for s in (".in_sum2", ".counts")}
+    assert [t.name for t in reader.tensors] == [f"{n}{s}" for n in sorted(expected_names)
+                                                for s in (".in_sum2", ".counts")]
+
+    # the statistics, recomputed: chunks of n_ctx tokens, each starting with BOS, every row counted
+    text = calib_file.read_text(encoding="utf-8")[:-1]  # like llama.cpp's -f
+    tokens = llama_tokens(tiny_llama3_gguf, text)
+    bos = tiny_llama3.config["bos_token_id"]
+    sums = {name: 0.0 for name in expected_names}
+    for c in range(n_chunks):
+        chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
+        chunk[0] = bos
+        for name, rows in weight_inputs(tiny_llama3.weights, tiny_llama3.config, chunk).items():
+            sums[name] = sums[name] + (rows * rows).sum(axis=0)
+    for name in expected_names:
+        assert tensors[f"{name}.counts"].tolist() == [n_chunks * n_ctx]
+        np.testing.assert_allclose(tensors[f"{name}.in_sum2"], sums[name], rtol=2e-3, err_msg=name)
+
+
+def test_gguf_write_read_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    original = Imatrix(
+        entries={"blk.0.attn_q.weight": Entry(rng.random((1, 8)).astype(np.float32), np.array([1024])),
+                 "blk.0.ffn_down_exps.weight": Entry(rng.random((4, 6)).astype(np.float32),
+                                                     np.array([100, 0, 7, 3000]))},
+        datasets=["a.txt", "b.txt"], chunk_count=2, chunk_size=512)
+    path = write_imatrix(original, tmp_path / "x.imatrix.gguf")
+    reader = gguf.GGUFReader(path)  # llama.cpp's layout: in_sum2 [ne0, n_mat], counts [1, n_mat], F32
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    assert shapes["blk.0.ffn_down_exps.weight.in_sum2"] == [6, 4]
+    assert shapes["blk.0.ffn_down_exps.weight.counts"] == [1, 4]
+    assert reader.get_field("general.architecture") is None
+
+    back = read_imatrix(path)
+    assert back.datasets == original.datasets and back.chunk_count == 2 and back.chunk_size == 512
+    for name, e in original.entries.items():
+        np.testing.assert_array_equal(back.entries[name].sums, e.sums)
+        np.testing.assert_array_equal(back.entries[name].counts, e.counts)
+    # llama-quantize's normalisation: sums / count per expert, 1 where an expert saw no data
+    imp = back.importances()["blk.0.ffn_down_exps.weight"].reshape(4, 6)
+    np.testing.assert_allclose(imp[0], original.entries["blk.0.ffn_down_exps.weight"].sums[0] / 100, rtol=1e-6)
+    np.testing.assert_array_equal(imp[1], np.ones(6, np.float32))
+
+
+def test_reads_legacy_dat(tmp_path):
+    """The pre-GGUF format, written here byte by byte after llama.cpp's save_imatrix_legacy."""
+    values = {"blk.0.attn_k.weight": np.arange(1, 5, dtype=np.float32), "output.weight": np.full(3, 2.5, np.float32)}
+    ncall = 7
+    blob = struct.pack("<i", len(values))
+    for name, v in values.items():
+        blob += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, v.size) + v.tobytes()
+    blob += struct.pack("<i", 9) + struct.pack("<i", 8) + b"wiki.txt"
+    path = tmp_path / "old.dat"
+    path.write_bytes(blob)
+
+    m = read_imatrix(path)
+    assert m.is_legacy and m.chunk_count == 9 and m.datasets == ["wiki.txt"]
+    imp = m.importances()
+    np.testing.assert_allclose(imp["blk.0.attn_k.weight"], values["blk.0.attn_k.weight"] / ncall, rtol=1e-6)
+    # converting to GGUF keeps the normalised values (raw = value * chunk_size, count = ncall * chunk_size)
+    back = read_imatrix(write_imatrix(m, tmp_path / "new.imatrix.gguf"))
+    np.testing.assert_allclose(back.importances()["output.weight"], values["output.weight"] / ncall, rtol=1e-6)
+
+
+def test_resume_continues_where_it_stopped(tiny_llama3_gguf, calib_file, tmp_path):
+    whole, part = tmp_path / "whole.imatrix.gguf", tmp_path / "part.imatrix.gguf"
+    common = ("--calib", calib_file, "-c", "64", "-q")
+    assert run_cl3("imatrix", tiny_llama3_gguf, *common, "--chunks", "4", "-o", whole).returncode == 0
+    assert run_cl3("imatrix", tiny_llama3_gguf, *common, "--chunks", "2", "-o", part).returncode == 0
+    assert read_imatrix(part).chunk_count == 2
+    result = run_cl3("imatrix", tiny_llama3_gguf, *common, "--chunks", "4", "-o", part, "--resume")
+    assert result.returncode == 0, result.stderr
+    a, b = read_imatrix(whole), read_imatrix(part)
+    assert b.chunk_count == 4 and set(a.entries) == set(b.entries)
+    for name in a.entries:
+        np.testing.assert_array_equal(a.entries[name].counts, b.entries[name].counts)
+        np.testing.assert_allclose(a.entries[name].sums, b.entries[name].sums, rtol=1e-5)
+
+
+def test_builtin_texts_are_bilingual_disjoint_and_long_enough():
+    calib, evaluation = calibration_text(), evaluation_text() if _has_evaluation() else ""
+    assert sum("\u4e00" <= ch <= "\u9fff" for ch in calib) > 5000  # Chinese
+    assert sum(ch.isascii() and ch.isalpha() for ch in calib) > 20000  # English / code
+    if evaluation:
+        paragraphs = {p.strip() for p in calib.split("\n\n") if len(p.strip()) > 80}
+        assert not paragraphs & {p.strip() for p in evaluation.split("\n\n")}
+
+
+def _has_evaluation() -> bool:
+    try:
+        evaluation_text()
+        return True
+    except InputError:
+        return False
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "short-text", "resume-missing"])
+def test_bad_inputs_give_one_line_errors(case, tiny_llama3_gguf, tmp_path):
+    out = tmp_path / "o.imatrix.gguf"
+    short = tmp_path / "short.txt"
+    short.write_text("只有几个字。", encoding="utf-8")
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(tiny_llama3_gguf.read_bytes()[:200_000])
+    args = {
+        "missing": (tmp_path / "nope.gguf", "-o", out),
+        "corrupt": (corrupt, "-o", out),
+        "short-text": (tiny_llama3_gguf, "--calib", short, "-o", out),
+        "resume-missing": (tiny_llama3_gguf, "-o", out, "--resume"),
+    }[case]
+    result = run_cl3("imatrix", *args, "-q")
+    assert result.returncode not in (0, 70), result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["short.txt", "corrupt.gguf"])
+
+
+def test_parity_with_llama_imatrix(reference_bin, tiny_llama3_gguf, calib_file, tmp_path):
+    """Same model, text and settings: the same entries, values within 1e-3 relative."""
+    ours, theirs = tmp_path / "cl3.imatrix.gguf", tmp_path / "llama.imatrix.gguf"
+    result = run_cl3("imatrix", tiny_llama3_gguf, "--calib", calib_file, "-c", "128", "--chunks", "6", "-o", ours,
+                     "-q", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    subprocess.run([reference_bin / "llama-imatrix", "-m", tiny_llama3_gguf, "-f", calib_file, "-c", "128",
+                    "--chunks", "6", "-o", theirs, "-t", "2", "--no-ppl"], check=True, capture_output=True)
+    a, b = read_imatrix(ours), read_imatrix(theirs)
+    assert sorted(a.entries) == sorted(b.entries)
+    assert (a.chunk_count, a.chunk_size, a.datasets) == (b.chunk_count, b.chunk_size, b.datasets)
+    for name in a.entries:
+        np.testing.assert_array_equal(a.entries[name].counts, b.entries[name].counts)
+        np.testing.assert_allclose(a.entries[name].sums, b.entries[name].sums, rtol=1e-3, err_msg=name)
+
+
+def test_ctrl_c_saves_what_was_collected(tiny_llama3_gguf, tmp_path):
+    text = tmp_path / "long.txt"
+    text.write_text(calibration_text() * 3, encoding="utf-8")
+    out = tmp_path / "partial.imatrix.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "cl3", "imatrix", tiny_llama3_gguf, "--calib", text, "-c", "64",
+                             "-o", out, "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    deadline = time.monotonic() + 120
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first checkpoint (10 chunks) has been written
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "continue with --resume" in stderr and "Traceback" not in stderr
+    partial = read_imatrix(out)
+    assert partial.chunk_count >= 10
+    assert all(int(e.counts[0]) == partial.chunk_count * 64 for e in partial.entries.values())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Mixture of experts (MUL_MAT_ID): a tiny MoE GGUF made from the dense one (4 experts, 2 used per token)
+# ----------------------------------------------------------------------------------------------------------------------
+
+N_EXPERT, N_USED = 4, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_gguf(tiny_llama3_gguf, tmp_path_factory) -> Path:
+    """Every FFN becomes N_EXPERT perturbed copies plus a random router, written with gguf-py."""
+    reader = gguf.GGUFReader(tiny_llama3_gguf)
+    arch = reader.get_field("general.architecture").contents()
+    path = tmp_path_factory.mktemp("moe") / "tiny-moe-f32.gguf"
+    writer = gguf.GGUFWriter(path, arch)
+    for name, f in reader.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            sub_type = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, f.contents(), f.types[0], sub_type=sub_type)
+    writer.add_uint32(f"{arch}.expert_count", N_EXPERT)
+    writer.add_uint32(f"{arch}.expert_used_count", N_USED)
+    rng = np.random.default_rng(0)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if t.name.endswith(("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")):
+            experts = np.stack([data + rng.normal(0, 0.02, data.shape) for _ in range(N_EXPERT)]).astype(np.float32)
+            writer.add_tensor(t.name.replace(".weight", "_exps.weight"), experts)
+            if t.name.endswith("ffn_gate.weight"):
+                router = rng.normal(0, 0.5, (N_EXPERT, data.shape[1])).astype(np.float32)
+                writer.add_tensor(t.name.replace("ffn_gate", "ffn_gate_inp"), router)
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_experts_are_collected_separately(tiny_moe_gguf, calib_file, tmp_path):
+    out = tmp_path / "moe.imatrix.gguf"
+    n_ctx, n_chunks = 64, 4
+    result = run_cl3("imatrix", tiny_moe_gguf, "--calib", calib_file, "-c", n_ctx, "--chunks", n_chunks, "-o", out,
+                     "-q")
+    assert result.returncode == 0, result.stderr
+    shapes = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(tiny_moe_gguf).tensors}
+    m = read_imatrix(out)
+    for layer in range(2):
+        for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            e = m.entries[f"blk.{layer}.{kind}.weight"]
+            assert e.sums.shape == (N_EXPERT, shapes[f"blk.{layer}.{kind}.weight"][0])
+            assert int(e.counts.sum()) == n_chunks * n_ctx * N_USED  # every token routed to N_USED experts
+        assert m.entries[f"blk.{layer}.ffn_gate_inp.weight"].counts.tolist() == [n_chunks * n_ctx]
+
+    # llama.cpp quantizes the MoE with the per-expert imatrix and the result evaluates
+    quantized = tmp_path / "moe-q4_k_m.gguf"
+    result = run_cl3("quantize", tiny_moe_gguf, "-t", "Q4_K_M", "--imatrix", out, "-o", quantized, "-q")
+    assert result.returncode == 0, result.stderr
+    model = Llama(str(quantized), n_ctx=64, logits_all=True, verbose=False)
+    model.eval([1, 2, 3, 4, 5])
+    assert np.all(np.isfinite(np.array(model.scores[:5])))
+    model.close()
+
+
+def test_moe_parity_with_llama_imatrix(reference_bin, tiny_moe_gguf, calib_file, tmp_path):
+    ours, theirs = tmp_path / "cl3.imatrix.gguf", tmp_path / "llama.imatrix.gguf"
+    result = run_cl3("imatrix", tiny_moe_gguf, "--calib", calib_file, "-c", "128", "--chunks", "6", "-o", ours, "-q",
+                     "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    subprocess.run([reference_bin / "llama-imatrix", "-m", tiny_moe_gguf, "-f", calib_file, "-c", "128",
+                    "--chunks", "6", "-o", theirs, "-t", "2", "--no-ppl"], check=True, capture_output=True)
+    a, b = read_imatrix(ours), read_imatrix(theirs)
+    assert sorted(a.entries) == sorted(b.entries)
+    for name in a.entries:
+        np.testing.assert_array_equal(a.entries[name].counts, b.entries[name].counts, err_msg=name)
+        np.testing.assert_allclose(a.entries[name].sums, b.entries[name].sums, rtol=1e-3, err_msg=name)
+
+    # and llama-quantize makes the same per-expert quantization from cl3's file as cl3 does
+    for file_type in ("Q4_K_M", "Q2_K"):
+        mine, native = tmp_path / f"cl3-{file_type}.gguf", tmp_path / f"llama-{file_type}.gguf"
+        assert run_cl3("quantize", tiny_moe_gguf, "-t", file_type, "--imatrix", ours, "-o", mine,
+                       "-q").returncode == 0
+        subprocess.run([reference_bin / "llama-quantize", "--imatrix", ours, tiny_moe_gguf, native, file_type],
+                       check=True, capture_output=True)
+        x = {t.name: bytes(t.data) for t in gguf.GGUFReader(mine).tensors}
+        y = {t.name: bytes(t.data) for t in gguf.GGUFReader(native).tensors}
+        assert list(x) == list(y) and [n for n in x if x[n] != y[n]] == []

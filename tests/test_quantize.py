@@ -1,0 +1,243 @@
+"""`cl3 quantize`: real quantization of tiny real GGUFs through llama.cpp, outputs loaded and evaluated by llama.cpp,
+provenance metadata, type names and aliases, the built-in imatrix cache, bad inputs, and byte-parity with llama.cpp's
+own llama-quantize when the reference tools are present."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+from llama_cpp import Llama
+
+from cl3.calibration import calibration_text
+from cl3.imatrix import Entry, Imatrix, read_imatrix, write_imatrix
+
+from .conftest import run_cl3
+
+Q = gguf.GGMLQuantizationType
+PROMPT = "The quick brown fox 跳过了懒狗 and then"
+
+
+@pytest.fixture(scope="module")
+def imatrix_file(tiny_llama3_gguf, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("imatrix")
+    calib = directory / "calib.txt"
+    calib.write_text(calibration_text()[:20000] + "\n", encoding="utf-8")
+    out = directory / "tiny.imatrix.gguf"
+    result = run_cl3("imatrix", tiny_llama3_gguf, "--calib", calib, "-c", "128", "--chunks", "4", "-o", out, "-q")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def logits(path, tokens: list[int]) -> np.ndarray:
+    model = Llama(str(path), n_ctx=64, logits_all=True, verbose=False)
+    model.eval(tokens)
+    values = np.array(model.scores[: len(tokens)], dtype=np.float64)
+    model.close()
+    return values
+
+
+def fields(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def tensor_types(path) -> dict[str, Q]:
+    return {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+
+
+def test_several_types_with_imatrix(tiny_llama3_gguf, imatrix_file, tmp_path):
+    result = run_cl3("quantize", tiny_llama3_gguf, "--type", "q8_0,Q4_K", "-t", "q3_k", "--imatrix", imatrix_file,
+                     "-o", tmp_path, "-q")
+    assert result.returncode == 0, result.stderr
+    source = fields(tiny_llama3_gguf)
+    outputs = sorted(tmp_path.glob("*.gguf"))
+    # llama.cpp's naming convention, from the source's general.* metadata; Q4_K and Q3_K are aliases of *_M
+    expected = {gguf.naming_convention(source.get("general.name"), source.get("general.basename"),
+                                       source.get("general.finetune"), source.get("general.version"),
+                                       source["general.size_label"], t) + ".gguf"
+                for t in ("Q8_0", "Q4_K_M", "Q3_K_M")}
+    assert {p.name for p in outputs} == expected
+
+    imatrix = gguf.GGUFReader(imatrix_file)
+    tokens = Llama(str(tiny_llama3_gguf), vocab_only=True, verbose=False).tokenize(PROMPT.encode())
+    reference = logits(tiny_llama3_gguf, tokens)
+    expected_ftype = {"-Q8_0.gguf": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+                      "-Q4_K_M.gguf": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+                      "-Q3_K_M.gguf": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M}
+    for path in outputs:
+        suffix = next(s for s in expected_ftype if path.name.endswith(s))
+        meta = fields(path)
+        assert meta["general.file_type"] == expected_ftype[suffix]
+        # provenance, as llama-quantize records it
+        assert meta["quantize.imatrix.file"] == str(imatrix_file)
+        assert meta["quantize.imatrix.dataset"] == imatrix.get_field("imatrix.datasets").contents()[0]
+        assert meta["quantize.imatrix.entries_count"] == len(imatrix.tensors) // 2
+        assert meta["quantize.imatrix.chunks_count"] == imatrix.get_field("imatrix.chunk_count").contents()
+        # llama.cpp loads and evaluates it, close to the F32 model
+        got = logits(path, tokens)
+        assert np.all(np.isfinite(got))
+        corr = np.corrcoef(got.ravel(), reference.ravel())[0, 1]
+        assert corr > (0.999 if suffix == "-Q8_0.gguf" else 0.9), (path.name, corr)
+    q8 = next(p for p in outputs if p.name.endswith("-Q8_0.gguf"))
+    assert {t for n, t in tensor_types(q8).items() if n.startswith("blk.") and n.endswith("_q.weight")} == {Q.Q8_0}
+
+
+def test_imatrix_changes_the_quantized_weights(tiny_llama3_gguf, imatrix_file, tmp_path):
+    plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
+    assert run_cl3("quantize", tiny_llama3_gguf, "-t", "Q4_0", "-o", plain, "-q").returncode == 0
+    assert run_cl3("quantize", tiny_llama3_gguf, "-t", "Q4_0", "-o", weighted, "--imatrix", imatrix_file,
+                   "-q").returncode == 0
+    a = {t.name: bytes(t.data) for t in gguf.GGUFReader(plain).tensors}
+    b = {t.name: bytes(t.data) for t in gguf.GGUFReader(weighted).tensors}
+    assert a.keys() == b.keys()
+    assert a["blk.0.attn_q.weight"] != b["blk.0.attn_q.weight"]  # imatrix-weighted rounding
+    assert a["blk.0.attn_norm.weight"] == b["blk.0.attn_norm.weight"]  # 1-d tensors are copied
+    assert "quantize.imatrix.file" not in fields(plain)
+
+
+def test_tensor_type_options(tiny_llama3_gguf, tmp_path):
+    out = tmp_path / "custom.gguf"
+    result = run_cl3("quantize", tiny_llama3_gguf, "-t", "Q4_K_M", "-o", out, "--pure",
+                     "--output-tensor-type", "q8_0", "--token-embedding-type", "Q6_K", "-q")
+    assert result.returncode == 0, result.stderr
+    types = tensor_types(out)
+    assert types["token_embd.weight"] == Q.Q6_K
+    if "output.weight" in types:
+        assert types["output.weight"] == Q.Q8_0
+    assert {t for n, t in types.items() if n.startswith("blk.") and n.endswith("weight") and "norm" not in n} \
+        == {Q.Q4_K}  # --pure: no Q6_K mixture for attn_v/ffn_down
+
+    kept = tmp_path / "kept.gguf"
+    assert run_cl3("quantize", tiny_llama3_gguf, "-t", "Q4_0", "-o", kept, "--leave-output-tensor",
+                   "-q").returncode == 0
+    if "output.weight" in tensor_types(kept):
+        assert tensor_types(kept)["output.weight"] == tensor_types(tiny_llama3_gguf)["output.weight"]
+
+
+def test_hf_directory_is_converted_on_the_fly(tiny_llama3_dir, tmp_path):
+    result = run_cl3("quantize", tiny_llama3_dir, "-t", "Q8_0", "-o", tmp_path, "-q")
+    assert result.returncode == 0, result.stderr
+    outputs = list(tmp_path.iterdir())
+    assert len(outputs) == 1 and outputs[0].name.endswith("-Q8_0.gguf")  # the temporary F16 is gone
+    assert not [p for p in tiny_llama3_dir.parent.iterdir() if p.name.startswith(".cl3")]
+    assert np.all(np.isfinite(logits(outputs[0], [1, 2, 3, 4])))
+
+
+def test_bare_imatrix_computes_once_and_caches_beside_the_source(tiny_llama3_gguf_f16, tmp_path):
+    src = tmp_path / "model-f16.gguf"
+    shutil.copy(tiny_llama3_gguf_f16, src)
+    first = run_cl3("quantize", src, "-t", "Q2_K", "--imatrix", "--imatrix-chunks", "2", "-q")
+    assert first.returncode == 0, first.stderr
+    cached = [p for p in tmp_path.iterdir() if p.name.endswith(".imatrix.gguf")]
+    assert len(cached) == 1 and cached[0].name.startswith("model-f16.")
+    m = read_imatrix(cached[0])
+    assert m.chunk_count == 2 and m.chunk_size == 512 and m.datasets[0].startswith("cl3:calibration@")
+    output = next(p for p in tmp_path.iterdir() if p.name.endswith("-Q2_K.gguf"))
+    assert fields(output)["quantize.imatrix.dataset"] == m.datasets[0]
+
+    mtime = cached[0].stat().st_mtime_ns
+    second = run_cl3("quantize", src, "-t", "Q2_K_S", "--imatrix", "--imatrix-chunks", "2", "-q")
+    assert second.returncode == 0, second.stderr
+    assert "reused" in second.stderr and cached[0].stat().st_mtime_ns == mtime
+
+
+def test_types_needing_an_imatrix_are_refused_before_any_work(tmp_path):
+    # the source does not even exist: the type check comes first
+    result = run_cl3("quantize", tmp_path / "absent.gguf", "-t", "Q8_0,iq2_xxs")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "IQ2_XXS" in result.stderr and "--imatrix" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _mismatched_names(path):
+    write_imatrix(Imatrix({"blk.9.attn_q.weight": Entry(np.ones((1, 256), np.float32), np.array([512]))},
+                          ["x.txt"], 1, 512), path)
+
+
+def _mismatched_sizes(path):
+    write_imatrix(Imatrix({"blk.0.attn_q.weight": Entry(np.ones((1, 100), np.float32), np.array([512]))},
+                          ["x.txt"], 1, 512), path)
+
+
+@pytest.mark.parametrize("case", ["corrupt", "truncated", "not-gguf-imatrix", "imatrix-other-names",
+                                  "imatrix-other-sizes", "unknown-type", "unknown-tensor-type", "no-output-dir",
+                                  "already-quantized", "several-types-one-file"])
+def test_bad_inputs_give_one_line_errors_and_leave_nothing(case, tiny_llama3_gguf, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    src, args = tiny_llama3_gguf, []
+    if case == "corrupt":
+        src = inputs / "corrupt.gguf"
+        src.write_bytes(b"GGUF" + bytes(range(256)) * 40)
+    elif case == "truncated":
+        src = inputs / "truncated.gguf"
+        src.write_bytes(tiny_llama3_gguf.read_bytes()[:-100_000])
+    elif case == "not-gguf-imatrix":
+        bad = inputs / "bad.imatrix"
+        bad.write_bytes(b"\x01\x00\x00\x00garbage")
+        args = ["--imatrix", bad]
+    elif case == "imatrix-other-names":
+        _mismatched_names(inputs / "other.imatrix.gguf")
+        args = ["--imatrix", inputs / "other.imatrix.gguf"]
+    elif case == "imatrix-other-sizes":
+        _mismatched_sizes(inputs / "other.imatrix.gguf")
+        args = ["--imatrix", inputs / "other.imatrix.gguf"]
+    elif case == "unknown-tensor-type":
+        args = ["--output-tensor-type", "q9_9"]
+    elif case == "already-quantized":
+        src = inputs / "q8.gguf"
+        assert run_cl3("quantize", tiny_llama3_gguf, "-t", "Q8_0", "-o", src, "-q").returncode == 0
+    types = {"unknown-type": "Q4_K_X", "several-types-one-file": "Q8_0,Q4_0"}.get(case, "Q4_K_M")
+    output = {"no-output-dir": tmp_path / "missing" / "x.gguf",
+              "several-types-one-file": out_dir / "x.gguf"}.get(case, out_dir)
+    before = sorted(p.name for p in inputs.iterdir())
+
+    result = run_cl3("quantize", src, "-t", types, "-o", output, *args, "-q")
+    assert result.returncode not in (0, 70), result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(out_dir.iterdir()) == []
+    assert sorted(p.name for p in inputs.iterdir()) == before
+
+
+PARITY_TYPES = ["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+
+
+@pytest.mark.parametrize("file_type", PARITY_TYPES)
+def test_parity_with_llama_quantize(reference_bin, file_type, tiny_llama3_gguf, imatrix_file, tmp_path):
+    """Same source and imatrix file: every tensor of cl3's output is byte-identical to llama-quantize's."""
+    ours, theirs = tmp_path / "cl3.gguf", tmp_path / "llama.gguf"
+    result = run_cl3("quantize", tiny_llama3_gguf, "-t", file_type, "--imatrix", imatrix_file, "-o", ours, "-q")
+    assert result.returncode == 0, result.stderr
+    subprocess.run([reference_bin / "llama-quantize", "--imatrix", imatrix_file, tiny_llama3_gguf, theirs,
+                    file_type], check=True, capture_output=True)
+    a = {t.name: (t.tensor_type, bytes(t.data)) for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: (t.tensor_type, bytes(t.data)) for t in gguf.GGUFReader(theirs).tensors}
+    assert list(a) == list(b)
+    different = [name for name in a if a[name] != b[name]]
+    assert not different, different
+    meta_a, meta_b = fields(ours), fields(theirs)
+    assert {k: v for k, v in meta_a.items() if k.startswith("quantize.")} == \
+        {k: v for k, v in meta_b.items() if k.startswith("quantize.")}
+
+
+def test_list_types_and_imatrix_name_tag(tiny_llama3_gguf, imatrix_file, tmp_path):
+    listing = run_cl3("quantize", "--list-types")
+    assert listing.returncode == 0
+    rows = {line.split()[0]: line for line in listing.stdout.splitlines() if line.strip()}
+    assert {"Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ1_S", "IQ4_XS", "TQ2_0", "BF16"} <= set(rows)
+    assert "Q4_K" in rows["Q4_K_M"] and "needs an imatrix" in rows["IQ2_XXS"]
+
+    result = run_cl3("quantize", tiny_llama3_gguf, "-t", "Q8_0", "--imatrix", imatrix_file, "--name-imatrix",
+                     "-o", tmp_path, "-q")
+    assert result.returncode == 0, result.stderr
+    [output] = tmp_path.iterdir()
+    assert output.name.endswith("-Q8_0-im.gguf")
