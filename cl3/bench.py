@@ -66,11 +66,18 @@ class BenchTable:
     started: str = ""
 
     def value(self, type_name: str, key: str):
-        return self.cells.get(type_name, {}).get(key)
+        cell = self.cells.get(type_name, {})
+        if key == "size_mib" and cell.get("size_bytes") is not None:
+            return cell["size_bytes"] / 2**20
+        return cell.get(key)
 
     def rows(self) -> list[tuple[str, str, str]]:
-        """The rows worth showing: KLD rows only when measured."""
-        return [r for r in ROWS if any(self.value(t, r[0]) is not None for t in self.types)]
+        """The rows worth showing: KLD rows only when measured; sizes in MiB for models under 1 GiB."""
+        rows = [r for r in ROWS if any(self.value(t, r[0]) is not None for t in self.types)]
+        sizes = [self.value(t, "size_gib") for t in self.types if self.value(t, "size_gib") is not None]
+        if sizes and max(sizes) < 1:
+            rows = [("size_mib", "Size (MiB)", "{:.1f}") if r[0] == "size_gib" else r for r in rows]
+        return rows
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "types": self.types, "settings": vars(self.settings),
@@ -80,6 +87,7 @@ class BenchTable:
 
 METHOD = {
     "size_gib": "GGUF file size / 2^30",
+    "size_mib": "GGUF file size / 2^20",
     "bpw": "llama_model_size * 8 / llama_model_n_params (tensor bits per parameter)",
     "ppl": "llama-perplexity's method: BOS-prefixed tokenization, non-overlapping chunks of ctx tokens, BOS as "
            "the first token of each chunk, only the second half of each chunk scored",
@@ -278,7 +286,7 @@ def render_csv(table: BenchTable) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["metric", *table.types])
-    for key, _, _ in table.rows():
+    for key in [r[0] for r in ROWS if any(table.value(t, r[0]) is not None for t in table.types)]:
         w.writerow([key, *[("" if table.value(t, key) is None else repr(round(table.value(t, key), 6)))
                            for t in table.types]])
     return buf.getvalue()
@@ -293,7 +301,7 @@ def render_markdown(table: BenchTable) -> str:
     lines += ["", "How these numbers were obtained:", "",
               f"- Source: `{table.source}`; quantized with llama.cpp (llama-cpp-python {m.get('llama_cpp_python')})"
               + (f", importance matrix: {s.imatrix}" if s.imatrix else ", no importance matrix") + ".",
-              f"- Size: GiB of the GGUF file. BPW: {METHOD['bpw']}.",
+              f"- Size: the GGUF file's size (GiB; MiB for models under 1 GiB). BPW: {METHOD['bpw']}.",
               f"- PPL: {METHOD['ppl']}; ctx {s.ctx}, text `{s.text}` (sha256 {s.text_sha256[:12]}…)"
               + (f", first {s.chunks} chunks" if s.chunks else "") + ".",
               *([f"- KLD: {METHOD['kld_mean']}."] if s.kld else []),
@@ -308,9 +316,9 @@ def render_rich(table: BenchTable):
     from rich.table import Table
 
     t = Table(title=f"{table.name} ({table.machine.get('backend')}, ctx {table.settings.ctx})")
-    t.add_column("")
+    t.add_column("", no_wrap=True)
     for name in table.types:
-        t.add_column(name, justify="right")
+        t.add_column(name, justify="right", no_wrap=True, overflow="fold")
     for key, label, spec in table.rows():
         t.add_row(label, *[_fmt(table.value(n, key), spec) for n in table.types])
     return t

@@ -17,7 +17,7 @@ from .convert import convert
 from .demo_model import build_demo_checkpoint
 
 # Small speed tests and a 512-token context keep the demo within a few minutes on 2 CPU cores.
-DEMO_SETTINGS = dict(ctx=512, chunks=20, n_prompt=128, n_gen=32, repetitions=2)
+DEMO_SETTINGS = {"ctx": 512, "n_prompt": 128, "n_gen": 32, "repetitions": 2}
 IMATRIX_TYPES = ["Q4_K", "Q3_K", "Q2_K"]
 
 
