@@ -20,7 +20,7 @@ from cl3.errors import InputError
 from cl3.imatrix import Entry, Imatrix, read_imatrix, write_imatrix
 
 from .conftest import run_cl3
-from .reference import rms_norm, rotary
+from .reference import llama_logits
 
 HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -30,41 +30,15 @@ HF_TO_GGUF = {
 
 
 def weight_inputs(weights: dict[str, np.ndarray], config: dict, tokens: list[int]) -> dict[str, np.ndarray]:
-    """The input rows of every blk.* weight multiplication in a causal Llama pass over ``tokens`` (float64).
-
-    Written from the architecture (as tests/reference.py), not from cl3 or llama.cpp.
-    """
-    w = {k: v.astype(np.float64) for k, v in weights.items()}
-    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
-    d = config["hidden_size"] // n_head
-    eps, theta = config["rms_norm_eps"], config.get("rope_theta", 10000.0)
-    seq = len(tokens)
-    pos = np.arange(seq)
-    mask = np.triu(np.full((seq, seq), -np.inf), k=1)
-    x = w["model.embed_tokens.weight"][tokens]
-    inputs = {}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
-        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            inputs[f"blk.{i}.{HF_TO_GGUF[proj]}.weight"] = h
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(seq, n_head, d).transpose(1, 0, 2)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(seq, n_kv, d).transpose(1, 0, 2)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(seq, n_kv, d).transpose(1, 0, 2)
-        q, k = rotary(q, pos, theta), rotary(k, pos, theta)
-        k, v = np.repeat(k, n_head // n_kv, axis=0), np.repeat(v, n_head // n_kv, axis=0)
-        scores = q @ k.transpose(0, 2, 1) / np.sqrt(d) + mask
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        attn = ((scores / scores.sum(axis=-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(seq, n_head * d)
-        inputs[f"blk.{i}.attn_output.weight"] = attn
-        x = x + attn @ w[p + "self_attn.o_proj.weight"].T
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-        inputs[f"blk.{i}.ffn_gate.weight"] = inputs[f"blk.{i}.ffn_up.weight"] = h
-        gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
-        act = (gate / (1 + np.exp(-gate))) * up
-        inputs[f"blk.{i}.ffn_down.weight"] = act
-        x = x + act @ w[p + "mlp.down_proj.weight"].T
-    return inputs
+    """The input rows of every blk.* weight multiplication in a causal Llama pass over ``tokens`` (float64), from
+    the independent numpy reference (tests/reference.py), keyed by GGUF weight name."""
+    inputs: dict[str, np.ndarray] = {}
+    llama_logits(weights, config, tokens, inputs)
+    result = {}
+    for hf_name, rows in inputs.items():
+        layer, module = hf_name.removeprefix("model.layers.").split(".", 1)
+        result[f"blk.{layer}.{HF_TO_GGUF[module.removesuffix('.weight')]}.weight"] = rows
+    return result
 
 
 @pytest.fixture(scope="module")
