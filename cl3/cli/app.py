@@ -61,10 +61,17 @@ def progress_bar(description: str, *, unit: str = "bytes", quiet: bool = False) 
     else:
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=False, disable=quiet) as progress:
-        task = progress.add_task(description, total=None)
+    # started on the first update, so errors found before any work print no empty bar
+    progress = Progress(*columns, console=err, transient=False, disable=quiet)
+    task = progress.add_task(description, total=None)
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if progress.live.is_started:
+            progress.stop()
