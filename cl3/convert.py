@@ -86,7 +86,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
     if ckpt.architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(f"architecture {ckpt.architecture} is not supported "
                                     f"(cl3 converts {', '.join(SUPPORTED_ARCHITECTURES)})")
-    hp = _hparams(ckpt.config)
+    hp = hparams(ckpt.config)
     outtype = resolve_outtype(outtype, ckpt)
     plans = _plan_tensors(ckpt, hp, outtype)
     vocab = load_vocab(ckpt.path, hp["vocab_size"], pre_tokenizer)
@@ -98,7 +98,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
     logging.getLogger("gguf").setLevel(logging.ERROR)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _metadata(ckpt, n_params).set_gguf_meta_model(writer)
-    _add_hparams(writer, hp, ckpt.config, outtype)
+    add_hparams(writer, hp, ckpt.config, outtype)
     vocab.add_to_gguf(writer)
     for p in plans:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
@@ -130,7 +130,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
     return ConvertResult(out, outtype, len(plans), n_params, out.stat().st_size)
 
 
-def _hparams(config: dict) -> dict:
+def hparams(config: dict) -> dict:
     try:
         hp = {
             "vocab_size": int(config["vocab_size"]),
@@ -150,7 +150,7 @@ def _hparams(config: dict) -> dict:
     return hp
 
 
-def _expected_shapes(hp: dict) -> dict[str, tuple[int, ...]]:
+def expected_shapes(hp: dict) -> dict[str, tuple[int, ...]]:
     h, d = hp["hidden"], hp["head_dim"]
     shapes = {"token_embd.weight": (hp["vocab_size"], h), "output_norm.weight": (h,), "output.weight": (hp["vocab_size"], h)}
     for i in range(hp["layers"]):
@@ -164,7 +164,7 @@ def _expected_shapes(hp: dict) -> dict[str, tuple[int, ...]]:
 
 def _plan_tensors(ckpt: Checkpoint, hp: dict, outtype: str) -> list[_TensorPlan]:
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["layers"])
-    expected = _expected_shapes(hp)
+    expected = expected_shapes(hp)
     plans: list[_TensorPlan] = []
     for hf_name, ref in ckpt.tensors.items():
         if hf_name.endswith(IGNORED_TENSORS):
@@ -176,20 +176,20 @@ def _plan_tensors(ckpt: Checkpoint, hp: dict, outtype: str) -> list[_TensorPlan]
             raise InputError(f"shape mismatch: {hf_name} is {list(ref.shape)} but config.json implies "
                              f"{list(expected[name])}")
         permute = hp["heads"] if name.endswith("attn_q.weight") else hp["kv_heads"] if name.endswith("attn_k.weight") else 0
-        plans.append(_TensorPlan(name, ref, _tensor_type(name, ref.shape, outtype), permute))
+        plans.append(_TensorPlan(name, ref, tensor_type(name, ref.shape, outtype), permute))
     have = {p.name for p in plans}
     missing = [n for n in expected if n not in have and n != "output.weight"]
     if missing:
         raise InputError(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     if "output.weight" not in have and not ckpt.config.get("tie_word_embeddings", False):
         raise InputError("the checkpoint has no lm_head.weight and does not tie it to the embeddings")
-    if (freqs := _llama3_rope_factors(ckpt.config, hp)) is not None:
+    if (freqs := llama3_rope_factors(ckpt.config, hp)) is not None:
         plans.append(_TensorPlan("rope_freqs.weight", None, gguf.GGMLQuantizationType.F32, data=freqs))
     order = list(expected) + ["rope_freqs.weight"]
     return sorted(plans, key=lambda p: order.index(p.name))
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
+def tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         return gguf.GGMLQuantizationType.F32
     if outtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
@@ -232,7 +232,7 @@ def _encode(rows: np.ndarray, src_dtype: np.dtype, qtype: gguf.GGMLQuantizationT
     return gguf.quants.quantize(f32, qtype)
 
 
-def _llama3_rope_factors(config: dict, hp: dict) -> np.ndarray | None:
+def llama3_rope_factors(config: dict, hp: dict) -> np.ndarray | None:
     """Llama-3.1-style frequency factors, as convert_hf_to_gguf computes them (rope_freqs.weight)."""
     rs = config.get("rope_scaling") or {}
     if str(rs.get("rope_type", rs.get("type", ""))).lower() != "llama3":
@@ -257,7 +257,7 @@ def _llama3_rope_factors(config: dict, hp: dict) -> np.ndarray | None:
     return np.array(factors, dtype=np.float32)
 
 
-def _add_hparams(writer: gguf.GGUFWriter, hp: dict, config: dict, outtype: str) -> None:
+def add_hparams(writer: gguf.GGUFWriter, hp: dict, config: dict, outtype: str) -> None:
     writer.add_vocab_size(hp["vocab_size"])
     writer.add_context_length(int(config.get("max_position_embeddings") or 4096))
     writer.add_embedding_length(hp["hidden"])

@@ -95,19 +95,19 @@ def write_weightless_gguf(config: dict, out: Path, *, tokenizer_dir: Path | None
     models/ggml-vocab-*.gguf) or the tokenizer files in ``tokenizer_dir``; without either the file lacks it.
     Returns (metadata bytes, {tensor name: shape}, whether tokenizer metadata is included).
     """
-    from .convert import _add_hparams, _expected_shapes, _hparams, _llama3_rope_factors, _tensor_type
+    from .convert import add_hparams, expected_shapes, hparams, llama3_rope_factors, tensor_type
 
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
         raise UnsupportedModelError(f"architecture {arch} is not supported (cl3 plans LlamaForCausalLM models)")
-    hp = _hparams(config)
-    shapes = _expected_shapes(hp)
+    hp = hparams(config)
+    shapes = expected_shapes(hp)
     if config.get("tie_word_embeddings", False):
         del shapes["output.weight"]
     logging.getLogger("gguf").setLevel(logging.ERROR)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(str(config.get("_name_or_path") or "plan"))
-    _add_hparams(writer, hp, config, "f16")
+    add_hparams(writer, hp, config, "f16")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # what every quantized output carries
     has_tokenizer = True
     if vocab_gguf is not None:
@@ -119,8 +119,8 @@ def write_weightless_gguf(config: dict, out: Path, *, tokenizer_dir: Path | None
     else:
         has_tokenizer = False
         writer.add_tokenizer_model("none")  # llama.cpp's "no vocabulary": enough to plan a context
-    tensors = [(name, shape, _tensor_type(name, shape, "f16")) for name, shape in shapes.items()]
-    if (freqs := _llama3_rope_factors(config, hp)) is not None:
+    tensors = [(name, shape, tensor_type(name, shape, "f16")) for name, shape in shapes.items()]
+    if (freqs := llama3_rope_factors(config, hp)) is not None:
         tensors.append(("rope_freqs.weight", freqs.shape, gguf.GGMLQuantizationType.F32))
     data_bytes = 0
     for name, shape, qtype in tensors:
