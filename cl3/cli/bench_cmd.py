@@ -45,10 +45,13 @@ def bench(
 ) -> None:
     """Quantize to each type and measure Size, BPW, PPL and pp/tg speed: the authors' table, on this machine."""
     from .. import bench as bench_mod
+    from ..errors import InputError
     from ..hub import resolve_source
 
     published = bench_mod.read_table_csv(compare) if compare else None  # bad --compare fails before any work
     src = resolve_source(src)
+    if not src.exists():  # before creating the default output folder: bad input leaves nothing behind
+        raise InputError(f"no such file or directory: {src}")
     if output is None:
         name = src.name.removesuffix(".gguf")
         output = Path("quant_tables") / name
