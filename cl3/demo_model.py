@@ -15,6 +15,11 @@ then the weights are written down directly:
    quantization types' ordering visible. A filler along a fixed direction gives every token the same residual norm
    after each layer, so RMSNorm scales all tokens alike.
 4. ``output.weight`` row j is ``v_j`` in the factor half. Attention is present but nearly silent (tiny o_proj).
+5. Outlier channels, as in real models: the RMSNorm weights before the MLPs and the output are log-normal
+   (σ = ``CHANNEL_SPREAD``) and the matrices reading them are divided by them. The function is the same, but a small
+   weight may now meet a large input, which plain quantization (weighting by weight size) cannot see and an
+   importance matrix (mean squared input per column) can: imatrix quantization beats plain quantization here, as it
+   does on real models, while on a model without such channels (one code per token) it would not.
 
 The transformer layers therefore carry the model's knowledge: without the MLPs the factor half stays empty and the
 logits are flat. Every matrix row length is a multiple of 256, so llama.cpp's K-quants apply to every tensor.
@@ -40,8 +45,10 @@ DISCOUNT = 0.75            # Kneser-Ney discount (chosen on a held-out split of 
 UNIFORM_MIX = 0.01         # share of the uniform distribution in the continuation probabilities
 THRESHOLD = 0.5            # gate fires when code · input > THRESHOLD (matching code: 1; others: |ρ| < ~0.35)
 GATE_GAIN = 40.0           # α: sharpness of the gate
-DETOUR = 16.0              # size of the detour relative to the typical |u_t|
+DETOUR = 2.0               # size of the detour relative to the typical |u_t|
 ATTENTION_GAIN = 1e-3      # scale of o_proj: attention contributes noise at this level only
+CHANNEL_SPREAD = 1.0       # σ of the log-normal RMSNorm weights (outlier channels); the matrices reading them are
+                           # divided by them, so the function is unchanged but weight size no longer shows importance
 
 
 def build_demo_checkpoint(out_dir: str | Path, *, seed: int = 1) -> TinyCheckpoint:
@@ -154,16 +161,18 @@ def demo_weights(logp: np.ndarray, config: dict, seed: int = 0) -> dict[str, np.
     # MLP key-value memory, neuron t of every layer serving token t. With the layer input normalised to
     # x = e_t / rms: gate = α (c_i·c_t − θ), up = c_i·c_t, so neuron t fires for token t (activation silu(α (1 − θ)))
     # and the others only weakly. down_proj solves (activations @ down.T = wanted writes) for all tokens.
+    spread = np.random.default_rng(seed + 7919)
     weights: dict[str, np.ndarray] = {"model.embed_tokens.weight": _f16(embed)}
     residual = weights["model.embed_tokens.weight"]  # each token alone, attention ignored
     for layer in range(n_layers):
         rms = residual_rms[layer]
+        norm_w = _f16(np.exp(CHANNEL_SPREAD * spread.standard_normal(hidden)))
         gate = np.zeros((ffn, hidden))
-        gate[:, code] = GATE_GAIN * rms * (c / gamma - THRESHOLD * b / kappa)
+        gate[:, code] = GATE_GAIN * rms * (c / gamma - THRESHOLD * b / kappa) / norm_w[code]
         up = np.zeros((ffn, hidden))
-        up[:, code] = rms * c / gamma
+        up[:, code] = rms * c / gamma / norm_w[code]
         gate, up = _f16(gate), _f16(up)
-        x = residual / np.sqrt((residual * residual).mean(axis=1, keepdims=True) + config["rms_norm_eps"])
+        x = residual / np.sqrt((residual * residual).mean(axis=1, keepdims=True) + config["rms_norm_eps"]) * norm_w
         z = x @ gate.T
         activations = z / (1 + np.exp(-z)) * (x @ up.T)
         wanted = after[layer] - residual[:, factor]
@@ -177,7 +186,7 @@ def demo_weights(logp: np.ndarray, config: dict, seed: int = 0) -> dict[str, np.
         p = f"model.layers.{layer}."
         weights |= {
             p + "input_layernorm.weight": np.ones(hidden),
-            p + "post_attention_layernorm.weight": np.ones(hidden),
+            p + "post_attention_layernorm.weight": norm_w,
             p + "self_attn.q_proj.weight": rng.standard_normal((hidden, hidden)) / np.sqrt(hidden),
             p + "self_attn.k_proj.weight": rng.standard_normal((n_kv * head_dim, hidden)) / np.sqrt(hidden),
             p + "self_attn.v_proj.weight": rng.standard_normal((n_kv * head_dim, hidden)) / np.sqrt(hidden),
@@ -189,9 +198,10 @@ def demo_weights(logp: np.ndarray, config: dict, seed: int = 0) -> dict[str, np.
 
     # Output: final rms is sqrt(2), so logit_j = (v_j · u_t) when row j = sqrt(2) / write_scale · v_j.
     norm_out = np.sqrt((hidden + hidden) / hidden)
+    final_w = _f16(np.exp(CHANNEL_SPREAD * spread.standard_normal(hidden)))
     output = np.zeros((vocab, hidden))
-    output[:, CODE_DIMS:CODE_DIMS + RANK] = v * norm_out / write_scale
-    weights |= {"model.norm.weight": np.ones(hidden), "lm_head.weight": output}
+    output[:, CODE_DIMS:CODE_DIMS + RANK] = v * norm_out / write_scale / final_w[CODE_DIMS:CODE_DIMS + RANK]
+    weights |= {"model.norm.weight": final_w, "lm_head.weight": output}
     return {name: _f16(w) for name, w in weights.items()}
 
 

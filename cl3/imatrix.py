@@ -214,6 +214,35 @@ def to_raw(imatrix: Imatrix, chunk_size: int) -> Imatrix:
     return raw
 
 
+def combine_imatrices(imatrices: list[Imatrix], chunk_size: int) -> Imatrix:
+    """Add several imatrices into one, as llama-imatrix ``--in-file A --in-file B`` does: raw sums and counts add
+    up (legacy files are first turned into raw form with ``chunk_size``), the datasets are listed in order, and
+    the chunk count is the largest count over ``chunk_size``."""
+    combined = Imatrix(chunk_size=chunk_size)
+    for imatrix in imatrices:
+        imatrix = to_raw(imatrix, chunk_size)
+        for name, e in imatrix.entries.items():
+            sums = np.asarray(e.sums, dtype=np.float64).reshape(len(e.counts), -1)
+            counts = np.asarray(e.counts, dtype=np.int64)
+            have = combined.entries.get(name)
+            if have is None:
+                combined.entries[name] = Entry(sums.copy(), counts.copy())
+                continue
+            if have.sums.size != sums.size:
+                raise InputError(f"cannot combine: {name} has {sums.size} values in one imatrix and "
+                                 f"{have.sums.size} in another (different models?)")
+            if len(have.counts) == 1 and len(counts) > 1:
+                have.counts = np.full(len(counts), have.counts[0], dtype=np.int64)
+            elif len(counts) != len(have.counts):
+                raise InputError(f"cannot combine: {name} has {len(counts)} experts in one imatrix and "
+                                 f"{len(have.counts)} in another")
+            have.sums = have.sums.reshape(sums.shape) + sums
+            have.counts = have.counts + counts
+        combined.datasets += imatrix.datasets
+    combined.chunk_count = _chunk_count(combined.entries, chunk_size)
+    return combined
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Collection
 # ----------------------------------------------------------------------------------------------------------------------
@@ -334,12 +363,13 @@ class ImatrixResult:
 def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx: int = 512,
                     chunks: int | None = None, n_batch: int = 2048, threads: int | None = None, gpu_layers: int = 0,
                     parse_special: bool = False, process_output: bool = False, resume: Imatrix | None = None,
-                    checkpoint: Callable[[Imatrix], None] | None = None, checkpoint_every: int = 10,
+                    start: Imatrix | None = None, checkpoint: Callable[[Imatrix], None] | None = None, checkpoint_every: int = 10,
                     progress: Callable[[int, int], None] | None = None,
                     on_perplexity: Callable[[float], None] | None = None) -> ImatrixResult:
     """Evaluate ``text`` with llama.cpp and collect the importance matrix of ``model``.
 
-    ``resume`` continues a partial imatrix (its chunks are skipped); ``checkpoint(imatrix)`` is called every
+    ``resume`` continues a partial imatrix (its chunks are skipped); ``start`` adds the statistics of the whole
+    text to an existing imatrix (llama-imatrix ``--in-file`` with a text); ``checkpoint(imatrix)`` is called every
     ``checkpoint_every`` chunks and, on Ctrl-C, with what was collected up to the last complete chunk before
     KeyboardInterrupt propagates. ``progress(done, total)`` counts chunks; ``on_perplexity`` gets the running value.
     """
@@ -358,8 +388,11 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
                              f"not {n_ctx}")
         start_chunk = _chunk_count(resume.entries, n_ctx)
         datasets = list(resume.datasets) or datasets
+    elif start is not None:
+        start = combine_imatrices([start], n_ctx)
+        datasets = list(start.datasets) + datasets
 
-    collector = Collector(process_output=process_output, start=resume)
+    collector = Collector(process_output=process_output, start=resume or start)
     # llama-imatrix's batching: with the default logical batch of 2048 tokens, 2048 / n_ctx chunks are evaluated
     # side by side as separate sequences; a chunk longer than the batch is fed in several decodes.
     n_seq = max(1, n_batch // n_ctx)

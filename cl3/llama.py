@@ -248,16 +248,16 @@ def tensor_name(t: GgmlTensor) -> str:
     return t.name.decode("utf-8", errors="replace")
 
 
-def tensor_array(t: GgmlTensor, dtype=np.float32) -> np.ndarray:
+def tensor_array(t: GgmlTensor, dtype=np.float32, *, copy: bool = False) -> np.ndarray:
     """The tensor's data as a (ne3, ne2, ne1, ne0) array honouring its strides.
 
-    Host buffers are viewed in place (valid only inside the eval callback); device buffers are copied with
-    ``ggml_backend_tensor_get``.
+    Host buffers are viewed in place (valid only inside the eval callback); device buffers (GPU offload), or any
+    buffer with ``copy=True``, are copied with ``ggml_backend_tensor_get``.
     """
     lib = ggml_base()
     address = ctypes.addressof(t)
     n_bytes = lib.ggml_nbytes(address)
-    if t.buffer and lib.ggml_backend_buffer_is_host(t.buffer):
+    if not copy and t.buffer and lib.ggml_backend_buffer_is_host(t.buffer):
         buffer = (ctypes.c_char * n_bytes).from_address(t.data)
     else:
         buffer = bytearray(n_bytes)

@@ -310,3 +310,96 @@ def test_moe_parity_with_llama_imatrix(reference_bin, tiny_moe_gguf, calib_file,
         x = {t.name: bytes(t.data) for t in gguf.GGUFReader(mine).tensors}
         y = {t.name: bytes(t.data) for t in gguf.GGUFReader(native).tensors}
         assert list(x) == list(y) and [n for n in x if x[n] != y[n]] == []
+
+
+def test_device_copy_path_reads_the_same_activations(tiny_llama3_gguf):
+    """With GPU offload the collector copies activations out with ggml_backend_tensor_get; there is no GPU here,
+    so the copy path is forced on host buffers and compared with the in-place view, for every matmul input
+    (contiguous and strided) of a real decode."""
+    from cl3 import llama
+
+    compared = []
+
+    def on_eval(t, ask):
+        if ask:
+            return t.op in (llama.GGML_OP_MUL_MAT, llama.GGML_OP_MUL_MAT_ID)
+        src1 = llama.tensor_at(t.src[1])
+        view = np.array(llama.tensor_array(src1))
+        copied = llama.tensor_array(src1, copy=True)
+        assert copied.shape == view.shape
+        np.testing.assert_array_equal(copied, view)
+        compared.append(llama.tensor_name(src1))
+        return True
+
+    with llama.EvalModel(tiny_llama3_gguf, n_ctx=64, n_batch=64, on_eval=on_eval) as model:
+        tokens = model.tokenize("模型在本地运行。 The model runs locally.")
+        model.decode([(tokens, 0)])
+    assert len(compared) >= 7  # q, k, v, o, gate, up, down of at least one layer
+
+
+@pytest.fixture(scope="module")
+def two_imatrices(tiny_llama3_gguf, calib_file, tmp_path_factory):
+    """cl3 imatrices of two different texts (3 and 2 chunks of 64 tokens)."""
+    work = tmp_path_factory.mktemp("combine")
+    other = work / "eval.txt"
+    other.write_text(evaluation_text()[:6000] + "\n", encoding="utf-8")
+    a, b = work / "a.imatrix.gguf", work / "b.imatrix.gguf"
+    for text, chunks, out in ((calib_file, 3, a), (other, 2, b)):
+        result = run_cl3("imatrix", tiny_llama3_gguf, "--calib", text, "-c", 64, "--chunks", chunks, "-o", out, "-q")
+        assert result.returncode == 0, result.stderr
+    return work, other, a, b
+
+
+def gguf_tensors(path) -> dict[str, np.ndarray]:
+    return {t.name: np.array(t.data, dtype=np.float64).reshape(-1) for t in gguf.GGUFReader(path).tensors}
+
+
+def test_combining_adds_the_statistics(two_imatrices, tiny_llama3_gguf):
+    work, other, a, b = two_imatrices
+    combined = work / "ab.imatrix.gguf"
+    result = run_cl3("imatrix", "--in-file", a, "--in-file", b, "-c", 64, "-o", combined)
+    assert result.returncode == 0, result.stderr
+    ta, tb, tc = gguf_tensors(a), gguf_tensors(b), gguf_tensors(combined)
+    assert set(tc) == set(ta) == set(tb)
+    for name in tc:
+        np.testing.assert_allclose(tc[name], ta[name] + tb[name], rtol=1e-6, err_msg=name)
+    reader = gguf.GGUFReader(combined)
+    datasets = reader.get_field("imatrix.datasets").contents()
+    assert datasets == gguf.GGUFReader(a).get_field("imatrix.datasets").contents() + [str(other)]
+    assert reader.get_field("imatrix.chunk_count").contents() == 5
+
+    # starting from A and evaluating B's text gives the same sums as computing B alone and adding
+    started = work / "a-then-b.imatrix.gguf"
+    result = run_cl3("imatrix", tiny_llama3_gguf, "--in-file", a, "--calib", other, "-c", 64, "--chunks", 2,
+                     "-o", started, "-q")
+    assert result.returncode == 0, result.stderr
+    ts = gguf_tensors(started)
+    for name in tc:
+        np.testing.assert_allclose(ts[name], tc[name], rtol=1e-5, err_msg=name)
+
+
+def test_combining_imatrices_of_different_models_fails_cleanly(two_imatrices, tmp_path):
+    _, _, a, _ = two_imatrices
+    imatrix = read_imatrix(a)
+    name = next(iter(imatrix.entries))
+    other = Imatrix({name: Entry(np.ones((1, 7), dtype=np.float32), np.array([64]))}, ["x"], 1, 64)
+    wrong = write_imatrix(other, tmp_path / "wrong.imatrix.gguf")
+    out = tmp_path / "c.imatrix.gguf"
+    result = run_cl3("imatrix", "--in-file", a, "--in-file", wrong, "-o", out)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot combine") and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_combining_parity_with_llama_imatrix(reference_bin, two_imatrices, tiny_llama3_gguf):
+    work, _, a, b = two_imatrices
+    ours, theirs = work / "cl3-ab.imatrix.gguf", work / "llama-ab.imatrix.gguf"
+    assert run_cl3("imatrix", "--in-file", a, "--in-file", b, "-c", 64, "-o", ours).returncode == 0
+    subprocess.run([reference_bin / "llama-imatrix", "-m", tiny_llama3_gguf, "--in-file", a, "--in-file", b,
+                    "-c", "64", "-o", theirs], check=True, capture_output=True)
+    x, y = read_imatrix(ours), read_imatrix(theirs)
+    assert (x.chunk_count, x.chunk_size, x.datasets) == (y.chunk_count, y.chunk_size, y.datasets)
+    assert sorted(x.entries) == sorted(y.entries)
+    for name in x.entries:
+        np.testing.assert_array_equal(x.entries[name].counts, y.entries[name].counts)
+        np.testing.assert_allclose(x.entries[name].sums, y.entries[name].sums, rtol=1e-6, err_msg=name)

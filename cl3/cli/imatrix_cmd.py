@@ -12,13 +12,17 @@ from .app import app, err, out
 
 @app.command()
 def imatrix(
-    model: Path = typer.Argument(..., help="GGUF model (F32/F16/BF16 or quantized)."),
+    model: Path = typer.Argument(None, help="GGUF model (F32/F16/BF16 or quantized); optional when only "
+                                 "combining --in-file imatrices."),
     calib: list[Path] = typer.Option(None, "--calib", "-f", help="Calibration text file(s), UTF-8. Default: cl3's "
                                      "built-in Chinese/English calibration set."),
     ctx: int = typer.Option(512, "-c", "--ctx-size", help="Tokens per chunk."),
     chunks: int = typer.Option(None, "--chunks", help="Stop after this many chunks (default: all the text)."),
     output: Path = typer.Option(None, "-o", "--output", help="Output file (default: MODEL.imatrix.gguf beside it)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the partial imatrix in --output."),
+    in_files: list[Path] = typer.Option(None, "--in-file", help="Imatrix to add in (repeatable; GGUF or legacy "
+                                        ".dat). Without MODEL: combine them into --output. With MODEL: start from "
+                                        "their sum and add the text's statistics."),
     threads: int = typer.Option(None, "--threads", help="Threads (default: all cores)."),
     gpu_layers: int = typer.Option(0, "--gpu-layers", "-ngl", help="Layers to offload to a GPU (GPU builds)."),
     parse_special: bool = typer.Option(None, "--parse-special/--no-parse-special",
@@ -30,8 +34,23 @@ def imatrix(
     """Compute an importance matrix with llama.cpp, from Python (same rules and file format as llama-imatrix)."""
     from .. import calibration
     from ..errors import InputError
-    from ..imatrix import compute_imatrix, read_imatrix, write_imatrix
+    from ..errors import UsageError
+    from ..imatrix import combine_imatrices, compute_imatrix, read_imatrix, write_imatrix
 
+    combined = None
+    if in_files:
+        if resume:
+            raise UsageError("--resume and --in-file cannot be combined")
+        combined = combine_imatrices([read_imatrix(p) for p in in_files], ctx)
+    if model is None:
+        if combined is None:
+            raise UsageError("give a GGUF model, or --in-file imatrices to combine")
+        if output is None:
+            raise UsageError("combining needs -o/--output")
+        write_imatrix(combined, output)
+        out.print(f"wrote {output} ({len(combined.entries)} entries, {combined.chunk_count} chunks of {ctx} tokens, "
+                  f"combined from {len(in_files)} files)", highlight=False, soft_wrap=True)
+        return
     if not model.is_file():
         raise InputError(f"no such GGUF file: {model}")
     if output is None:
@@ -61,7 +80,8 @@ def imatrix(
         try:
             result = compute_imatrix(
                 model, text, dataset=dataset, n_ctx=ctx, chunks=chunks, threads=threads, gpu_layers=gpu_layers,
-                parse_special=special, process_output=process_output, resume=start, checkpoint=checkpoint,
+                parse_special=special, process_output=process_output, resume=start, start=combined,
+                checkpoint=checkpoint,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
                 on_perplexity=lambda ppl: progress.update(task, ppl=f"{ppl:.4f}"))
         except KeyboardInterrupt:
