@@ -83,8 +83,16 @@ def main() -> None:
     t = str(args.threads)
     rows = []
 
-    def pair(ours_cmd: list, theirs_cmd: list) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-        runs = [(run(ours_cmd), run(theirs_cmd)) for _ in range(max(1, args.repeat))]
+    def fresh(cmd: list, output: Path) -> tuple[float, float, float]:
+        """Each run starts alike: its previous output removed and every dirty page written back first (otherwise
+        the run after a big write pays for the previous run's writeback and for unlinking its old output)."""
+        output.unlink(missing_ok=True)
+        os.sync()
+        return run(cmd)
+
+    def pair(ours_cmd: list, theirs_cmd: list, ours_out: Path, theirs_out: Path
+             ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        runs = [(fresh(ours_cmd, ours_out), fresh(theirs_cmd, theirs_out)) for _ in range(max(1, args.repeat))]
         best = lambda results: (min(r[0] for r in results), max(r[1] for r in results),
                                 min(r[2] for r in results))
         return best([r[0] for r in runs]), best([r[1] for r in runs])
@@ -93,14 +101,15 @@ def main() -> None:
     ours, theirs = pair([*cl3, "imatrix", model, "--calib", text, "-c", "512", "--chunks", args.chunks,
                          "--threads", t, "-o", ours_im, "-q"],
                         [bin_ / "llama-imatrix", "-m", model, "-f", text, "-c", "512", "--chunks", args.chunks,
-                         "-t", t, "-o", theirs_im])
+                         "-t", t, "-o", theirs_im], ours_im, theirs_im)
     rows.append(("imatrix", f"{args.chunks} chunks x 512", ours, theirs))
 
     for file_type in args.types.split(","):
         ours_q, theirs_q = work / f"cl3-{file_type}.gguf", work / f"llama-{file_type}.gguf"
         ours, theirs = pair([*cl3, "quantize", model, "-t", file_type, "--imatrix", ours_im, "--threads", t,
                              "-o", ours_q, "-q"],
-                            [bin_ / "llama-quantize", "--imatrix", ours_im, model, theirs_q, file_type, t])
+                            [bin_ / "llama-quantize", "--imatrix", ours_im, model, theirs_q, file_type, t],
+                            ours_q, theirs_q)
         rows.append(("quantize", file_type, ours, theirs))
 
     table = []

@@ -73,3 +73,12 @@ def run_cl3(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real `cl3` command line in a subprocess (exit code, stdout, stderr)."""
     return subprocess.run([sys.executable, "-m", "cl3", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=os.environ | {"COLUMNS": "200"})
+
+
+def one_line_error(proc: subprocess.CompletedProcess, message: str = "") -> str:
+    """The single ``error:`` line a failed cl3 run printed (no traceback, no blank line from an empty progress
+    bar, a non-zero exit other than 70, the code of an internal error); checks ``message`` is in it."""
+    assert proc.returncode not in (0, 70), proc.stderr
+    lines = proc.stderr.rstrip("\n").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], repr(proc.stderr)
+    return lines[0]

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from cl3 import llama, measure
 from cl3.quantize import quantize
 
-from .conftest import run_cl3
+from .conftest import one_line_error, run_cl3
 from .reference import llama_logits
 
 TEXT = ("The quick brown fox jumps over the lazy dog near the river bank. 今天天气很好，我们去公园散步吧。"
@@ -153,14 +153,6 @@ def test_speed_reports_llama_bench_statistics(tiny_llama3_gguf):
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 
-def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    return lines[0]
-
-
 def test_cli_ppl_json(tiny_llama3_gguf, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")
@@ -178,12 +170,14 @@ def test_cli_ppl_json(tiny_llama3_gguf, tmp_path):
     (["ppl", "{model}", "-f", "{text}", "--kld-base", "{text}"], "base-logits"),
     (["ppl", "{model}", "-f", "missing.txt"], "not found"),
     (["speed", "{model}", "-r", "0"], "repetitions"),
+    (["speed", "missing.gguf"], "not found"),
+    (["speed", "{text}"], "cannot load"),
 ])
 def test_cli_bad_input_is_one_line(args, message, tiny_llama3_gguf, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")
     args = [a.format(model=tiny_llama3_gguf, text=text) for a in args]
-    assert message in _one_line_error(run_cl3(*args))
+    one_line_error(run_cl3(*args), message)
 
 
 # ------------------------------------------------------------------------------------------- llama.cpp parity

@@ -52,6 +52,22 @@ def _root(
     """cl3: Llama-family models on your own desktop."""
 
 
+class LazyProgress(Progress):
+    """A Rich Progress shown from its first update on, so an error found before any work prints no empty bar."""
+
+    def __enter__(self) -> LazyProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live.is_started:
+            self.stop()
+
+    def update(self, *args, **kwargs) -> None:
+        if not self.live.is_started:
+            self.start()
+        super().update(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, *, unit: str = "bytes", quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
     """A Rich progress bar with ETA; yields ``update(done, total)`` for library callbacks."""
@@ -61,17 +77,6 @@ def progress_bar(description: str, *, unit: str = "bytes", quiet: bool = False) 
     else:
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn()]
-    # started on the first update, so errors found before any work print no empty bar
-    progress = Progress(*columns, console=err, transient=False, disable=quiet)
-    task = progress.add_task(description, total=None)
-
-    def update(done: int, total: int) -> None:
-        if not progress.live.is_started:
-            progress.start()
-        progress.update(task, completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        if progress.live.is_started:
-            progress.stop()
+    with LazyProgress(*columns, console=err, transient=False, disable=quiet) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .app import app, err, out
+from .app import LazyProgress, app, err, out
 
 
 @app.command()
@@ -75,7 +75,7 @@ def imatrix(
         write_imatrix(partial, output)
         saved["chunks"] = partial.chunk_count
 
-    with Progress(*columns, console=err, disable=quiet) as progress:
+    with LazyProgress(*columns, console=err, disable=quiet) as progress:
         task = progress.add_task("imatrix", total=None, ppl="-")
         try:
             result = compute_imatrix(

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .app import app, err, out
+from .app import LazyProgress, app, err, out
 
 
-def _running_ppl_bar(quiet: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+def _running_ppl_bar(quiet: bool) -> LazyProgress:
+    return LazyProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("PPL {task.fields[ppl]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=err, disable=quiet, transient=True)
 
@@ -99,8 +99,8 @@ def speed(
     """Prompt-processing and text-generation speed, the way llama-bench measures them."""
     from .. import measure
 
-    with Progress(TextColumn("benchmarking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, disable=quiet or as_json, transient=True) as bar:
+    with LazyProgress(TextColumn("benchmarking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, disable=quiet or as_json, transient=True) as bar:
         task = bar.add_task("runs", total=None)
         result = measure.speed(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads,
                                n_gpu_layers=n_gpu_layers, n_batch=batch, n_ubatch=ubatch,
