@@ -9,8 +9,8 @@ then the weights are written down directly:
    holds the token embedding: a constant direction ``b`` plus a random unit code ``c_t`` (codes are near-orthogonal).
    The *factor half* starts empty.
 3. Each layer's MLP is a key-value memory with one neuron per token (ffn = vocab): gate row = ``α (c_t - θ b)``, so
-   SiLU(gate) fires only for the matching code, up row = ``c_t``. Layer 0's down column writes ``u_t`` plus a large
-   random detour ``d_t`` into the factor half; the last layer's takes the detour back out. Rounding errors in those
+   SiLU(gate) fires only for the matching code, up row = ``c_t``. Layer 0's down column writes ``u_t`` plus a
+   random detour ``d_t`` (``DETOUR`` times as long) into the factor half; the last layer's takes the detour back out. Rounding errors in those
    weights therefore reach the logits amplified, as they do through the many layers of a real model, which makes the
    quantization types' ordering visible. A filler along a fixed direction gives every token the same residual norm
    after each layer, so RMSNorm scales all tokens alike.
@@ -55,7 +55,7 @@ def build_demo_checkpoint(out_dir: str | Path, *, seed: int = 1) -> TinyCheckpoi
     """Build the demo model as an HF checkpoint (f16 safetensors) in `out_dir`.
 
     The default seed (of the random codes) is one whose table keeps the published ordering of all nine types on the
-    evaluation text; Q4_0 and Q3_K_M are within noise of each other for some seeds.
+    evaluation text; for some seeds the outlier channels hurt Q4_K_M more than Q4_0, or Q5_K_M more than Q5_0.
     """
     text = calibration_text()
     docs = tokenizer_documents(text)
