@@ -10,10 +10,10 @@ then the weights are written down directly:
    The *factor half* starts empty.
 3. Each layer's MLP is a key-value memory with one neuron per token (ffn = vocab): gate row = ``α (c_t - θ b)``, so
    SiLU(gate) fires only for the matching code, up row = ``c_t``. Layer 0's down column writes ``u_t`` plus a
-   random detour ``d_t`` (``DETOUR`` times as long) into the factor half; the last layer's takes the detour back out. Rounding errors in those
-   weights therefore reach the logits amplified, as they do through the many layers of a real model, which makes the
-   quantization types' ordering visible. A filler along a fixed direction gives every token the same residual norm
-   after each layer, so RMSNorm scales all tokens alike.
+   random detour ``d_t`` (``DETOUR`` times as long) into the factor half; the last layer's takes the detour back
+   out. Rounding errors in those weights therefore reach the logits amplified, as they do through the many layers
+   of a real model, which makes the quantization types' ordering visible. A filler along a fixed direction gives
+   every token the same residual norm after each layer, so RMSNorm scales all tokens alike.
 4. ``output.weight`` row j is ``v_j`` in the factor half. Attention is present but nearly silent (tiny o_proj).
 5. Outlier channels, as in real models: the RMSNorm weights before the MLPs and the output are log-normal
    (σ = ``CHANNEL_SPREAD``) and the matrices reading them are divided by them. The function is the same, but a small

@@ -363,7 +363,8 @@ class ImatrixResult:
 def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx: int = 512,
                     chunks: int | None = None, n_batch: int = 2048, threads: int | None = None, gpu_layers: int = 0,
                     parse_special: bool = False, process_output: bool = False, resume: Imatrix | None = None,
-                    start: Imatrix | None = None, checkpoint: Callable[[Imatrix], None] | None = None, checkpoint_every: int = 10,
+                    start: Imatrix | None = None, checkpoint: Callable[[Imatrix], None] | None = None,
+                    checkpoint_every: int = 10,
                     progress: Callable[[int, int], None] | None = None,
                     on_perplexity: Callable[[float], None] | None = None) -> ImatrixResult:
     """Evaluate ``text`` with llama.cpp and collect the importance matrix of ``model``.
@@ -389,10 +390,14 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
         start_chunk = _chunk_count(resume.entries, n_ctx)
         datasets = list(resume.datasets) or datasets
     elif start is not None:
-        start = combine_imatrices([start], n_ctx)
+        start = to_raw(start, n_ctx)
         datasets = list(start.datasets) + datasets
+    earlier = resume or start
+    if earlier is not None:
+        weights = {name: ne for name, (_, ne) in llama.read_gguf_summary(model).tensors.items()}
+        check_against_model(earlier, weights, source="the earlier imatrix")
 
-    collector = Collector(process_output=process_output, start=resume or start)
+    collector = Collector(process_output=process_output, start=earlier)
     # llama-imatrix's batching: with the default logical batch of 2048 tokens, 2048 / n_ctx chunks are evaluated
     # side by side as separate sequences; a chunk longer than the batch is fed in several decodes.
     n_seq = max(1, n_batch // n_ctx)

@@ -375,7 +375,7 @@ def test_combining_adds_the_statistics(two_imatrices, tiny_llama3_gguf):
         np.testing.assert_allclose(ts[name], tc[name], rtol=1e-5, err_msg=name)
 
 
-def test_combining_imatrices_of_different_models_fails_cleanly(two_imatrices, tmp_path):
+def test_combining_imatrices_of_different_models_fails_cleanly(two_imatrices, tiny_llama3_gguf, tmp_path):
     _, _, a, _ = two_imatrices
     imatrix = read_imatrix(a)
     name = next(iter(imatrix.entries))
@@ -384,6 +384,10 @@ def test_combining_imatrices_of_different_models_fails_cleanly(two_imatrices, tm
     out = tmp_path / "c.imatrix.gguf"
     result = run_cl3("imatrix", "--in-file", a, "--in-file", wrong, "-o", out)
     one_line_error(result, "error: cannot combine")
+    assert not out.exists()
+    # starting a model's imatrix from another model's: refused before any evaluation
+    result = run_cl3("imatrix", tiny_llama3_gguf, "--in-file", wrong, "-o", out, "-q")
+    one_line_error(result, "does not match this model")
     assert not out.exists()
 
 

@@ -33,8 +33,7 @@ def imatrix(
 ) -> None:
     """Compute an importance matrix with llama.cpp, from Python (same rules and file format as llama-imatrix)."""
     from .. import calibration
-    from ..errors import InputError
-    from ..errors import UsageError
+    from ..errors import InputError, UsageError
     from ..imatrix import combine_imatrices, compute_imatrix, read_imatrix, write_imatrix
 
     combined = None
