@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import synthetic_f16_gguf
 
 TARGETS = {"ppl_time": 1.05, "speed": 0.95}
 
@@ -49,17 +50,10 @@ def run(cmd: list, want: str | None = None, tries: int = 4) -> tuple[str, float]
 
 
 def build_model(work: Path, hidden: int, layers: int, ffn: int) -> Path:
-    from cl3.convert import convert
     from cl3.quantize import quantize
-    from cl3.tiny import build_llama3_checkpoint
 
-    f16 = work / f"bench-h{hidden}-l{layers}-f{ffn}-f16.gguf"
+    f16 = synthetic_f16_gguf(work, hidden, layers, ffn)
     q4 = work / f"bench-h{hidden}-l{layers}-f{ffn}-Q4_0.gguf"
-    if not f16.exists():
-        heads = max(4, hidden // 64)
-        ckpt = build_llama3_checkpoint(work / f"hf-h{hidden}-l{layers}", hidden=hidden, layers=layers, heads=heads,
-                                       kv_heads=max(1, heads // 4), ffn=ffn, shards=1)
-        convert(ckpt.path, f16, "f16")
     if not q4.exists():
         quantize(f16, ["Q4_0"], out=q4)
     return q4

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import synthetic_f16_gguf
+
 TARGETS = {"imatrix": 1.10, "quantize": 1.05}
 
 
@@ -33,24 +35,6 @@ def run(cmd: list[str]) -> tuple[float, float, float]:
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stderr.read().decode()[-2000:]}")
     return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
-
-
-def build_model(work: Path, hidden: int, layers: int, ffn: int) -> Path:
-    """Synthetic checkpoint -> F16 GGUF, built in a child process so this process stays small (a child's peak RSS
-    as reported by wait4 includes the memory of the parent it was forked from)."""
-    gguf_path = work / f"bench-h{hidden}-l{layers}-f{ffn}-f16.gguf"
-    if not gguf_path.exists():
-        heads = max(4, hidden // 64)
-        script = (
-            "import sys\n"
-            "from cl3.convert import convert\n"
-            "from cl3.tiny import build_llama3_checkpoint\n"
-            f"ckpt = build_llama3_checkpoint({str(work / f'hf-h{hidden}-l{layers}')!r}, hidden={hidden}, "
-            f"layers={layers}, heads={heads}, kv_heads={max(1, heads // 4)}, ffn={ffn}, shards=1)\n"
-            f"convert(ckpt.path, {str(gguf_path)!r}, 'f16')\n"
-        )
-        subprocess.run([sys.executable, "-c", script], check=True)
-    return gguf_path
 
 
 def main() -> None:
@@ -73,7 +57,7 @@ def main() -> None:
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    model = args.model or build_model(work, args.hidden, args.layers, args.ffn)
+    model = args.model or synthetic_f16_gguf(work, args.hidden, args.layers, args.ffn)
     text = work / "calibration.txt"
     write_text = ("import sys; from cl3.calibration import calibration_text; "
                   "open(sys.argv[1], 'w', encoding='utf-8').write(calibration_text() + '\\n')")
