@@ -7,6 +7,7 @@ matrix, evaluation text measures perplexity.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable
@@ -19,6 +20,7 @@ CALIBRATION = "calibration"
 EVALUATION = "evaluation"
 
 
+@functools.cache
 def _builtin(kind: str) -> str:
     folder = resources.files("cl3") / "data" / kind
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".txt")), key=lambda f: f.name)

@@ -68,10 +68,6 @@ class Imatrix:
             out[name] = values.reshape(-1)
         return out
 
-    def copy(self) -> Imatrix:
-        return Imatrix({n: Entry(e.sums.copy(), e.counts.copy()) for n, e in self.entries.items()},
-                       list(self.datasets), self.chunk_count, self.chunk_size, self.is_legacy, self.has_metadata)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Files
@@ -418,7 +414,7 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
             n_chunks = min(n_chunks, max(chunks - start_chunk, 0))
 
         def current() -> Imatrix:
-            entries = {n: Entry(e.sums.copy(), e.counts.copy()) for n, e in collector.entries.items()}
+            entries = collector.snapshot()
             return Imatrix(entries, datasets, _chunk_count(entries, n_ctx), n_ctx)
 
         nll, count = 0.0, 0

@@ -182,15 +182,21 @@ def _stage(stage: Stage | None, description: str, unit: str) -> Iterator[Callabl
             yield update
 
 
+def check_output_target(out: Path | None, n_types: int) -> None:
+    """``out`` names a file only for one type, and then in an existing directory."""
+    if out is not None and not out.is_dir():
+        if n_types > 1:
+            raise UsageError(f"{out} is not a directory; several types need a directory for their outputs")
+        if not out.parent.is_dir() and str(out.parent):
+            raise OutputError(f"output directory does not exist: {out.parent}")
+
+
 def plan_outputs(source: Source, types: list[llama.FileType], out: Path | None, default_dir: Path,
                  suffix: str = "") -> list[Path]:
     """Output path per type: ``out`` if it is a file name (one type only), else default names in ``out`` or beside
     the source."""
+    check_output_target(out, len(types))
     if out is not None and not out.is_dir():
-        if len(types) > 1:
-            raise UsageError(f"{out} is not a directory; several types need a directory for their outputs")
-        if not out.parent.is_dir() and str(out.parent):
-            raise OutputError(f"output directory does not exist: {out.parent}")
         outputs = [out]
     else:
         directory = out if out is not None else default_dir
@@ -253,12 +259,15 @@ def quantize(src: str | os.PathLike, types: str | Iterable[str], *, out: str | o
     needs = [t.name for t in file_types if t.needs_imatrix]
     if needs and not imatrix:
         raise UsageError(f"{', '.join(needs)} needs an importance matrix: add --imatrix (optionally with a file)")
+    if imatrix_chunks is not None and imatrix_chunks < 1:
+        raise UsageError("--imatrix-chunks must be at least 1")
     if not src.exists():
         raise InputError(f"no such file or directory: {src}")
     imatrix_path = Path(imatrix) if isinstance(imatrix, (str, os.PathLike)) else None
     if imatrix_path is not None and not imatrix_path.is_file():
         raise InputError(f"imatrix file not found: {imatrix_path}")
     out_path = Path(out) if out is not None else None
+    check_output_target(out_path, len(file_types))  # before converting an HF checkpoint
 
     with contextlib.ExitStack() as stack:
         if src.is_dir():

@@ -167,22 +167,28 @@ def _has_evaluation() -> bool:
         return False
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "short-text", "resume-missing"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "short-text", "resume-missing", "output-is-model",
+                                  "no-output-dir"])
 def test_bad_inputs_give_one_line_errors(case, tiny_llama3_gguf, tmp_path):
     out = tmp_path / "o.imatrix.gguf"
     short = tmp_path / "short.txt"
     short.write_text("只有几个字。", encoding="utf-8")
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(tiny_llama3_gguf.read_bytes()[:200_000])
+    model = tmp_path / "model.gguf"
+    model.write_bytes(tiny_llama3_gguf.read_bytes())
     args = {
         "missing": (tmp_path / "nope.gguf", "-o", out),
         "corrupt": (corrupt, "-o", out),
         "short-text": (tiny_llama3_gguf, "--calib", short, "-o", out),
         "resume-missing": (tiny_llama3_gguf, "-o", out, "--resume"),
+        "output-is-model": (model, "-o", model),
+        "no-output-dir": (tiny_llama3_gguf, "-o", tmp_path / "missing" / "o.imatrix.gguf"),
     }[case]
     result = run_cl3("imatrix", *args, "-q")
     one_line_error(result)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["short.txt", "corrupt.gguf"])
+    assert model.read_bytes() == tiny_llama3_gguf.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["short.txt", "corrupt.gguf", "model.gguf"])
 
 
 def test_parity_with_llama_imatrix(reference_bin, tiny_llama3_gguf, calib_file, tmp_path):

@@ -166,8 +166,9 @@ def _mismatched_sizes(path):
 
 @pytest.mark.parametrize("case", ["corrupt", "truncated", "not-gguf-imatrix", "imatrix-other-names",
                                   "imatrix-other-sizes", "unknown-type", "unknown-tensor-type", "no-output-dir",
-                                  "already-quantized", "several-types-one-file"])
-def test_bad_inputs_give_one_line_errors_and_leave_nothing(case, tiny_llama3_gguf, tmp_path):
+                                  "already-quantized", "several-types-one-file", "hf-source-no-output-dir",
+                                  "zero-imatrix-chunks"])
+def test_bad_inputs_give_one_line_errors_and_leave_nothing(case, tiny_llama3_gguf, tiny_llama3_dir, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     out_dir = tmp_path / "out"
@@ -191,11 +192,15 @@ def test_bad_inputs_give_one_line_errors_and_leave_nothing(case, tiny_llama3_ggu
         args = ["--imatrix", inputs / "other.imatrix.gguf"]
     elif case == "unknown-tensor-type":
         args = ["--output-tensor-type", "q9_9"]
+    elif case == "hf-source-no-output-dir":  # refused before converting the checkpoint
+        src = tiny_llama3_dir
+    elif case == "zero-imatrix-chunks":
+        args = ["--imatrix", "--imatrix-chunks", "0"]
     elif case == "already-quantized":
         src = inputs / "q8.gguf"
         assert run_cl3("quantize", tiny_llama3_gguf, "-t", "Q8_0", "-o", src, "-q").returncode == 0
     types = {"unknown-type": "Q4_K_X", "several-types-one-file": "Q8_0,Q4_0"}.get(case, "Q4_K_M")
-    output = {"no-output-dir": tmp_path / "missing" / "x.gguf",
+    output = {"no-output-dir": tmp_path / "missing" / "x.gguf", "hf-source-no-output-dir": tmp_path / "missing" / "x.gguf",
               "several-types-one-file": out_dir / "x.gguf"}.get(case, out_dir)
     before = sorted(p.name for p in inputs.iterdir())
 

@@ -33,7 +33,7 @@ def imatrix(
 ) -> None:
     """Compute an importance matrix with llama.cpp, from Python (same rules and file format as llama-imatrix)."""
     from .. import calibration
-    from ..errors import InputError, UsageError
+    from ..errors import InputError, OutputError, UsageError
     from ..imatrix import combine_imatrices, compute_imatrix, read_imatrix, write_imatrix
 
     combined = None
@@ -54,6 +54,10 @@ def imatrix(
         raise InputError(f"no such GGUF file: {model}")
     if output is None:
         output = model.with_name(model.name.removesuffix(".gguf") + ".imatrix.gguf")
+    if output.exists() and output.resolve() == model.resolve():
+        raise UsageError(f"the output would overwrite the model: {output}")
+    if not output.parent.is_dir() and str(output.parent):
+        raise OutputError(f"output directory does not exist: {output.parent}")
     if calib:
         text, dataset = calibration.read_text_files(calib), ",".join(str(p) for p in calib)
         special = bool(parse_special)
