@@ -90,7 +90,7 @@ def main() -> None:
 
     for file_type in args.types.split(","):
         ours_q, theirs_q = work / f"cl3-{file_type}.gguf", work / f"llama-{file_type}.gguf"
-        ours, theirs = pair([*cl3, "quantize", model, "-t", file_type, "--imatrix", ours_im, "--threads", t,
+        ours, theirs = pair([*cl3, "quantize", model, file_type, "--imatrix", ours_im, "--threads", t,
                              "-o", ours_q, "-q"],
                             [bin_ / "llama-quantize", "--imatrix", ours_im, model, theirs_q, file_type, t],
                             ours_q, theirs_q)

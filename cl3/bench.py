@@ -17,16 +17,15 @@ import json
 import os
 import platform
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import llama, measure
 from .errors import InputError, UsageError
 from .files import atomic_output
+from .metadata import read_metadata
 from .plan import AUTHORS_TYPES
-
-Stage = Callable[[str, str], AbstractContextManager[Callable[[int, int], None]]]
+from .progress import Stage, stage_progress
 
 # rows of the table: (csv key, label in the authors' layout, format)
 ROWS = [
@@ -134,20 +133,13 @@ def _source_gguf(src: Path, work_dir: Path, stage: Stage | None) -> Path:
 
     out = work_dir / f"{src.name}-F16.gguf"
     if not out.exists():
-        with _stage(stage, "converting to F16", "bytes") as update:
+        with stage_progress(stage, "converting to F16", "bytes") as update:
             convert(src, out, "f16", progress=update)
     return out
 
 
-def _stage(stage: Stage | None, description: str, unit: str):
-    import contextlib
-
-    if stage is None:
-        return contextlib.nullcontext(None)
-    return stage(description, unit)
-
-
-def _model_for(type_name: str, source, source_ftype: int | None, work_dir: Path, imatrix, stage: Stage | None) -> Path:
+def _model_for(type_name: str, source, source_ftype: int | None, work_dir: Path, imatrix, stage: Stage | None,
+               threads: int | None = None, n_gpu_layers: int = -1) -> Path:
     """The quantized file of ``type_name`` (made once; reused when it is already there)."""
     from . import quantize
 
@@ -156,7 +148,8 @@ def _model_for(type_name: str, source, source_ftype: int | None, work_dir: Path,
         return source.path
     out = work_dir / source.output_name(file_type)
     if not out.exists():
-        quantize.quantize(source.path, [type_name], out=out, imatrix=imatrix, stage=stage)
+        quantize.quantize(source.path, [type_name], out=out, imatrix=imatrix, threads=threads,
+                          n_gpu_layers=n_gpu_layers, stage=stage)
     return out
 
 
@@ -166,7 +159,8 @@ def load_table(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise InputError(f"{path} exists but is not a cl3 bench table (JSON); remove it or choose another --out") from None
+        raise InputError(f"{path} exists but is not a cl3 bench table (JSON); remove it or choose another output",
+                         param="out") from None
 
 
 def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | os.PathLike,
@@ -187,7 +181,7 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
     for t in type_names:
         quantize.resolve_types([t])  # unknown names fail here, before any work
     if ctx < 16:
-        raise UsageError("--ctx must be at least 16")
+        raise UsageError("the context size must be at least 16", param="n_ctx")
     if not src.exists():
         raise InputError(f"no such file or directory: {src}")
     work = Path(work_dir) if work_dir else out.parent / f"{out.name}.models"
@@ -212,11 +206,9 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
         table.cells = {t: c for t, c in previous.get("cells", {}).items() if t in type_names}
         table.started = previous.get("started", table.started)
 
-    from .gguf_info import field_value, open_gguf
-
     source_path = _source_gguf(src, work, stage)
     source = quantize.Source.open(source_path)
-    source_ftype = field_value(open_gguf(source_path), "general.file_type")
+    source_ftype = source.file_type
     # files quantized with an imatrix live apart from plain ones, so neither is ever taken for the other
     quant_dir = work
     if imatrix_name:
@@ -227,17 +219,16 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
         base_model = _model_for("F16", source, source_ftype, work, None, stage)
     for type_name in type_names:
         cell = table.cells.setdefault(type_name, {})
-        model = _model_for(type_name, source, source_ftype, quant_dir, imatrix if type_name != "F16" else None, stage)
+        model = _model_for(type_name, source, source_ftype, quant_dir, imatrix if type_name != "F16" else None, stage,
+                           threads, n_gpu_layers)
         cell["model"] = str(model)
         if "size_gib" not in cell:
-            with llama.MeasureContext(model, n_ctx=16, n_batch=16) as mctx:
-                cell["size_gib"] = model.stat().st_size / 2**30
-                cell["size_bytes"] = model.stat().st_size
-                cell["bpw"] = mctx.model_bytes * 8 / mctx.n_params
-                cell["description"] = mctx.description
+            meta = read_metadata(model)
+            cell.update(size_gib=meta.file_size / 2**30, size_bytes=meta.file_size, bpw=meta.bits_per_weight,
+                        description=f"{meta.architecture} {meta.size_label} {meta.file_type_name}")
             _save(table, out)
         if "ppl" not in cell:
-            with _stage(stage, f"{type_name}: perplexity", "chunks") as update:
+            with stage_progress(stage, f"{type_name}: perplexity", "chunks") as update:
                 use_base = base_model if kld and type_name != "F16" else None
                 r = measure.perplexity(model, text, n_ctx=ctx, chunks=chunks, threads=threads,
                                        n_gpu_layers=n_gpu_layers, kld_base=use_base, progress=update)
@@ -248,7 +239,7 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
                             kld_p99=r.kld.kld_p99, same_top=100 * r.kld.same_top, dp_rms=100 * r.kld.dp_rms)
             _save(table, out)
         if "pp_ms_per_token" not in cell and "tg_ms_per_token" not in cell:
-            with _stage(stage, f"{type_name}: speed", "runs") as update:
+            with stage_progress(stage, f"{type_name}: speed", "runs") as update:
                 s = measure.speed(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads,
                                   n_gpu_layers=n_gpu_layers, progress=update)
             pp, tg = s.test("pp"), s.test("tg")

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import jinja2
 
+from . import paths
 from .errors import InputError, LlamaError, UnsupportedModelError
 from .files import atomic_output
+from .metadata import file_type_name
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
-DATA_DIR_ENV = "CL3_DATA_DIR"
 LLAMA3_SPECIAL_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 KNOWN_ARCHITECTURES = ("llama",)
 
@@ -120,17 +121,17 @@ class Reply:
 class ChatModel:
     """A GGUF model loaded through llama-cpp-python, with its chat template and end-of-generation tokens."""
 
-    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = 0, n_threads: int | None = None,
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = -1, n_threads: int | None = None,
                  seed: int = -1):
         from llama_cpp import Llama
 
-        from .llama import eog_token_ids, install_log_capture, log_errors_since, mark_log
+        from .llama import check_gguf_path, eog_token_ids, log_errors_since, mark_log, prepare_for_llama
 
         self.path = Path(path)
-        check_gguf_file(self.path)
+        check_gguf_path(self.path)
         if n_ctx < 0:
             raise InputError(f"context size must be >= 0 (0 = the model's training context), not {n_ctx}")
-        install_log_capture()
+        prepare_for_llama()
         mark = mark_log()
         try:
             self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
@@ -153,7 +154,8 @@ class ChatModel:
 
     @property
     def quant_type(self) -> str:
-        return quant_type_name(self.metadata.get("general.file_type"))
+        file_type = self.metadata.get("general.file_type")
+        return file_type_name(int(file_type)) if file_type is not None else "?"
 
     def _token_text(self, token: int) -> str:
         return "" if token < 0 else self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
@@ -205,7 +207,7 @@ class ChatModel:
         system_only = self.tokenize_prompt(self.format_prompt(system_prompt, []))
         if len(system_only) >= self.n_ctx:
             raise InputError(f"the context ({self.n_ctx} tokens) is too small for the system prompt "
-                             f"({len(system_only)} tokens); use a larger context (-c) or a shorter system prompt")
+                             f"({len(system_only)} tokens); use a larger context or a shorter system prompt", param="n_ctx")
         reserve = max(1, min(reserve, self.n_ctx // 4))
         start = 0
         while True:
@@ -217,7 +219,7 @@ class ChatModel:
                 if len(tokens) < self.n_ctx:  # the last message fits, with less room for the reply
                     return tokens, start
                 raise InputError(f"the message does not fit the context: {len(tokens)} prompt tokens, "
-                                 f"n_ctx {self.n_ctx}; use a larger context (-c) or a shorter message")
+                                 f"n_ctx {self.n_ctx}; use a larger context or a shorter message", param="n_ctx")
             start = next_start
 
     # generation
@@ -281,42 +283,7 @@ def _llama_seed(seed: int) -> int:
     return llama_cpp.LLAMA_DEFAULT_SEED if seed < 0 else seed
 
 
-def check_gguf_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"model file not found: {path}")
-    if not path.is_file():
-        raise InputError(f"not a file: {path}")
-    try:
-        with path.open("rb") as f:
-            magic = f.read(4)
-    except OSError as ex:
-        raise InputError(f"cannot read {path}: {ex.strerror}") from None
-    if magic != b"GGUF":
-        raise InputError(f"{path} is not a GGUF file (convert it first with `cl3 convert`)")
-
-
-def quant_type_name(file_type: str | int | None) -> str:
-    """``general.file_type`` as a name people know: 15 -> Q4_K_M, 1 -> F16."""
-    import gguf
-
-    try:
-        name = gguf.LlamaFileType(int(file_type)).name  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "?"
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-
-
 # --- saved conversations -----------------------------------------------------------------------------------------------
-
-def data_dir() -> Path:
-    """Where cl3 keeps its data: $CL3_DATA_DIR, or the platform's user data directory."""
-    override = os.environ.get(DATA_DIR_ENV)
-    if override:
-        return Path(override)
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("cl3", appauthor=False))
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -368,7 +335,7 @@ class ConversationStore:
     """Conversations as one JSON file each under ``<data dir>/conversations``."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
-        self.directory = Path(directory) if directory else data_dir() / "conversations"
+        self.directory = Path(directory) if directory else paths.data_dir() / "conversations"
 
     def _path(self, conversation_id: str) -> Path:
         if not conversation_id or any(c in conversation_id for c in "/\\") or conversation_id.startswith("."):

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
-from .files import atomic_output
+from .files import atomic_output, check_new_output, is_directory_target, output_directory
 from .hf import Checkpoint, TensorRef, open_checkpoint
 from .vocab import load_vocab
 
@@ -65,7 +65,7 @@ def resolve_outtype(outtype: str, ckpt: Checkpoint) -> str:
     """llama.cpp's rule for `auto`: f16 when the weights are f16, bf16 otherwise."""
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
-        raise UsageError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+        raise UsageError(f"unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}", param="outtype")
     if outtype != "auto":
         return outtype
     first = next(iter(ckpt.tensors.values()))
@@ -80,8 +80,9 @@ def default_output_name(ckpt: Checkpoint, outtype: str, n_params: int) -> str:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto", *, allow_pickle: bool = False,
-            pre_tokenizer: str | None = None, progress: Progress | None = None) -> ConvertResult:
-    """Convert the HF checkpoint directory `src` to a GGUF at `out` (a file, or a directory for the default name)."""
+            pre_tokenizer: str | None = None, force: bool = False, progress: Progress | None = None) -> ConvertResult:
+    """Convert the HF checkpoint directory `src` to a GGUF at `out`: a file, or a folder (an existing one, or a name
+    ending in a separator, created) for the default name. An existing file is replaced only with ``force``."""
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     if ckpt.architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(f"architecture {ckpt.architecture} is not supported "
@@ -92,9 +93,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
     vocab = load_vocab(ckpt.path, hp["vocab_size"], pre_tokenizer)
     n_params = sum(int(np.prod(p.shape)) for p in plans if p.ref is not None)
 
+    if is_directory_target(out):
+        out = output_directory(out) / default_output_name(ckpt, outtype, n_params)
     out = Path(out)
-    if out.is_dir():
-        out = out / default_output_name(ckpt, outtype, n_params)
+    check_new_output(out, force)
     logging.getLogger("gguf").setLevel(logging.ERROR)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _metadata(ckpt, n_params).set_gguf_meta_model(writer)
@@ -206,11 +208,11 @@ def _converted_chunks(plan: _TensorPlan):
     for start, stop in ref.row_chunks(align=head_rows):
         rows = ref.read_rows(start, stop)
         if plan.permute_heads:
-            rows = _permute_rows(rows, head_rows)
+            rows = permute_qk_rows(rows, head_rows)
         yield _encode(rows, ref.dtype, plan.qtype)
 
 
-def _permute_rows(rows: np.ndarray, head_rows: int) -> np.ndarray:
+def permute_qk_rows(rows: np.ndarray, head_rows: int) -> np.ndarray:
     """HF's rotate-half Q/K layout → llama.cpp's interleaved one (convert_hf_to_gguf's LlamaModel.permute)."""
     n = rows.shape[0] // head_rows
     return rows.reshape(n, 2, head_rows // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)

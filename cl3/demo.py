@@ -15,6 +15,7 @@ from pathlib import Path
 from . import bench
 from .convert import convert
 from .demo_model import build_demo_checkpoint
+from .progress import Stage
 
 # Small speed tests and a 512-token context keep the demo within a few minutes on 2 CPU cores.
 DEMO_SETTINGS = {"ctx": 512, "n_prompt": 128, "n_gen": 32, "repetitions": 2}
@@ -39,8 +40,8 @@ class DemoResult:
         return rows
 
 
-def run_demo(directory: str | os.PathLike, *, stage: bench.Stage | None = None, threads: int | None = None,
-             on_step: Callable[[str], None] | None = None) -> DemoResult:
+def run_demo(directory: str | os.PathLike, *, stage: Stage | None = None, threads: int | None = None,
+             n_gpu_layers: int = -1, on_step: Callable[[str], None] | None = None) -> DemoResult:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     step = on_step or (lambda _message: None)
@@ -54,8 +55,9 @@ def run_demo(directory: str | os.PathLike, *, stage: bench.Stage | None = None, 
         convert(checkpoint, f16, "f16")
     step("quantizing and measuring the authors' nine types …")
     plain = bench.bench(f16, out=directory / "demo-table", work_dir=directory / "models", threads=threads,
-                        stage=stage, **DEMO_SETTINGS)
+                        n_gpu_layers=n_gpu_layers, stage=stage, **DEMO_SETTINGS)
     step(f"again with an importance matrix (built-in calibration text) for {', '.join(IMATRIX_TYPES)} …")
     with_imatrix = bench.bench(f16, types=IMATRIX_TYPES, out=directory / "demo-table-imatrix", imatrix=True,
-                               work_dir=directory / "models", threads=threads, stage=stage, **DEMO_SETTINGS)
+                               work_dir=directory / "models", threads=threads, n_gpu_layers=n_gpu_layers, stage=stage,
+                               **DEMO_SETTINGS)
     return DemoResult(directory, checkpoint, f16, plain, with_imatrix)

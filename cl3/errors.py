@@ -2,9 +2,17 @@
 
 
 class Cl3Error(Exception):
-    """Base class: a problem the user can act on (bad input, missing file, unsupported model)."""
+    """Base class: a problem the user can act on (bad input, missing file, unsupported model).
+
+    ``param`` names the library parameter the problem is about (e.g. ``"imatrix"``); front ends translate it into
+    their own spelling (the CLI adds "see --imatrix"), so library messages never name command-line flags.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class UsageError(Cl3Error):
@@ -27,3 +35,11 @@ class OutputError(Cl3Error):
 
 class LlamaError(Cl3Error):
     """llama.cpp refused or failed an operation (load, eval, quantize)."""
+
+
+class OutputExistsError(OutputError):
+    """An output file is already there and replacing it was not asked for."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        super().__init__(f"{path} already exists", param="force")

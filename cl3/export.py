@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
-from .files import atomic_output
+from .files import atomic_output, check_new_output, output_directory
 
 # The Chinese-LLaMA-Alpaca-2/-3 authors' default system prompt (scripts/inference/*.py, prompts/alpaca-2.txt).
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
@@ -49,49 +49,17 @@ class GgufInfo:
 
 
 def read_gguf_info(path: str | os.PathLike) -> GgufInfo:
-    """The metadata the export uses; no tensor data is read."""
-    import gguf
+    """The metadata the export uses (from cl3.metadata; no tensor data is read)."""
+    from .metadata import read_metadata
 
-    from .gguf_info import open_gguf
-
-    path = Path(path)
-    reader = open_gguf(path)
-
-    def value(key: str):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    tokens = value("tokenizer.ggml.tokens") or []
-    types = value("tokenizer.ggml.token_type") or []
-
-    def token_text(key: str) -> str | None:
-        tid = value(key)
-        return tokens[tid] if isinstance(tid, int) and 0 <= tid < len(tokens) else None
-
-    arch = value("general.architecture") or "llama"
-    end_of_turn = [t for t in (token_text("tokenizer.ggml.eot_token_id"), token_text("tokenizer.ggml.eom_token_id")) if t]
-    sampling = {}
-    for key, f in reader.fields.items():
-        if key.startswith("general.sampling.") and key != "general.sampling.sequence":
-            sampling[key.removeprefix("general.sampling.")] = f.contents()
-    add_bos = value("tokenizer.ggml.add_bos_token")
+    m = read_metadata(path)
+    texts = m.special_texts
     return GgufInfo(
-        path=path,
-        architecture=arch,
-        name=value("general.name"),
-        organization=value("general.organization"),
-        chat_template=value("tokenizer.chat_template"),
-        bos_token=token_text("tokenizer.ggml.bos_token_id") or "",
-        eos_token=token_text("tokenizer.ggml.eos_token_id") or "",
-        end_of_turn_tokens=end_of_turn,
-        add_bos=True if add_bos is None else bool(add_bos),  # llama.cpp's default for Llama vocabularies
-        context_length=value(f"{arch}.context_length"),
-        sampling=sampling,
-        license=value("general.license"),
-        license_name=value("general.license.name"),
-        license_link=value("general.license.link"),
-        control_tokens=frozenset(t for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL),
-    )
+        path=m.path, architecture=m.architecture or "llama", name=m.name, organization=m.organization,
+        chat_template=m.chat_template, bos_token=texts.get("bos", ""), eos_token=texts.get("eos", ""),
+        end_of_turn_tokens=[texts[k] for k in ("eot", "eom") if k in texts], add_bos=m.effective_add_bos,
+        context_length=m.context_length, sampling=m.sampling, license=m.license, license_name=m.license_name,
+        license_link=m.license_link, control_tokens=m.control_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -552,8 +520,9 @@ def ollama_model_name(info: GgufInfo) -> str:
 def export_ollama(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, name: str | None = None,
                   system: str | None = DEFAULT_SYSTEM_PROMPT, generation_config: str | os.PathLike | None = None,
                   license_file: str | os.PathLike | None = None, num_ctx: int | None = None,
-                  chat_template: str | os.PathLike | None = None) -> OllamaExport:
-    """Write DIR/Modelfile for the GGUF (DIR defaults to the GGUF's folder); return what `ollama create` needs.
+                  chat_template: str | os.PathLike | None = None, force: bool = False) -> OllamaExport:
+    """Write DIR/<gguf name>.Modelfile (DIR defaults to the GGUF's folder, so each GGUF has its own); return what
+    `ollama create` needs. An existing Modelfile is replaced only with ``force``.
 
     chat_template: a Jinja chat template file to use instead of the GGUF's tokenizer.chat_template."""
     info = read_gguf_info(gguf_path)
@@ -568,9 +537,7 @@ def export_ollama(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | Non
                                     "pass a Jinja chat template file to derive the Ollama TEMPLATE from")
     layout = analyze_chat_template(template, bos_token=info.bos_token, eos_token=info.eos_token,
                                    add_bos=info.add_bos)
-    out = Path(out_dir) if out_dir is not None else info.path.parent
-    if not out.is_dir():
-        raise OutputError(f"output directory does not exist: {out}")
+    out = output_directory(out_dir) if out_dir is not None else info.path.parent
     gguf_abs, out_abs = info.path.resolve(), out.resolve()
     try:
         from_path = "./" + gguf_abs.relative_to(out_abs).as_posix()
@@ -581,7 +548,8 @@ def export_ollama(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | Non
     params = sampling_parameters(info, load_generation_config(generation_config) if generation_config else None)
     text = modelfile_text(from_path=from_path, layout=layout, info=info, system=system, parameters=params,
                           num_ctx=num_ctx or info.context_length, license=license_text(info, license_file))
-    modelfile = out / "Modelfile"
+    modelfile = out / f"{info.path.name.removesuffix('.gguf')}.Modelfile"
+    check_new_output(modelfile, force)
     with atomic_output(modelfile) as tmp:
         tmp.write_text(text, encoding="utf-8")
     name = name or ollama_model_name(info)
@@ -618,7 +586,7 @@ def _folder_name(text: str) -> str:
 
 def export_lmstudio(gguf_path: str | os.PathLike, models_dir: str | os.PathLike | None = None, *,
                     publisher: str | None = None, model: str | None = None, mode: str = "copy",
-                    progress: Callable[[int, int], None] | None = None) -> Path:
+                    force: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
     """Place the GGUF as MODELS/publisher/model/file.gguf; mode is copy, hardlink or symlink."""
     info = read_gguf_info(gguf_path)
     if mode not in ("copy", "hardlink", "symlink"):
@@ -634,6 +602,7 @@ def export_lmstudio(gguf_path: str | os.PathLike, models_dir: str | os.PathLike 
     target = target_dir / info.path.name
     if target.exists() and target.resolve() == info.path.resolve():
         return target
+    check_new_output(target, force)
     with atomic_output(target) as tmp:
         tmp.unlink()
         try:

@@ -102,7 +102,7 @@ def open_checkpoint(src: str | os.PathLike, *, allow_pickle: bool = False) -> Ch
         if pickles and not allow_pickle:
             raise InputError(
                 f"{path} has only PyTorch pickle weights ({pickles[0].name}); loading a pickle can run arbitrary code. "
-                "Convert it to safetensors first, or pass --allow-pickle if you trust the file")
+                "Convert it to safetensors first, or allow pickles if you trust the file", param="allow_pickle")
         if pickles:
             raise UnsupportedModelError(
                 "reading pickle checkpoints needs PyTorch, which cl3 does not use; convert them to safetensors first")

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from . import paths
 from .errors import InputError, UsageError
 
 Progress = Callable[[int, int], None]
@@ -97,7 +98,7 @@ def _hf_download(repo_id, revision, patterns, out, endpoint, cache_dir, progress
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as ex:
         reason = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
         raise InputError(f"cannot download {repo_id} from {where}: {reason} (behind a firewall? set "
-                         "HF_ENDPOINT=https://hf-mirror.com, or use --source modelscope)") from None
+                         "HF_ENDPOINT=https://hf-mirror.com, or download from ModelScope)", param="source") from None
     return Path(path)
 
 
@@ -140,7 +141,7 @@ def _modelscope_download(repo_id, revision, patterns, out, endpoint, cache_dir, 
     files = [f for f in (listing.get("Data") or {}).get("Files") or [] if f.get("Type", "blob") != "tree"]
     wanted = [f for f in files if any(fnmatch.fnmatch(f["Path"], p) for p in patterns)]
     if out is None:
-        root = Path(cache_dir) if cache_dir else _cache_root()
+        root = Path(cache_dir) if cache_dir else paths.cache_dir()
         out = root / "modelscope" / repo_id.replace("/", "--") / revision
     out = Path(out)
     total = sum(int(f.get("Size") or 0) for f in wanted)
@@ -219,10 +220,3 @@ def _ms_fetch(url: str, target: Path, size: int, sha256: str | None, repo_id: st
             raise InputError(f"{target.name} from {base} does not match its SHA-256; it was deleted, run again")
     os.replace(part, target)
 
-
-def _cache_root() -> Path:
-    if env := os.environ.get("CL3_CACHE_DIR"):
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("cl3"))

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from . import llama
-from .errors import InputError, LlamaError, UsageError
+from .errors import InputError, LlamaError, OutputError, UsageError
 from .files import atomic_output
+from .scoring import ChunkLayout, nll, score_chunks
 
 IMATRIX_DATASETS = "imatrix.datasets"
 IMATRIX_CHUNK_COUNT = "imatrix.chunk_count"
@@ -256,20 +257,14 @@ class Collector:
     def __init__(self, *, process_output: bool = False, start: Imatrix | None = None) -> None:
         self.process_output = process_output
         self.entries: dict[str, Entry] = {}
-        self.error: BaseException | None = None
         if start is not None:
             for name, e in start.entries.items():
                 self.entries[name] = Entry(np.asarray(e.sums, dtype=np.float64).copy(), e.counts.copy())
 
     def __call__(self, t: llama.GgmlTensor, ask: bool) -> bool:
-        if self.error is not None:
-            return not ask  # an earlier call failed: collect nothing more, let llama.cpp finish the graph
-        try:
-            if ask:
-                return self._wants(t)
-            self._collect(t)
-        except BaseException as ex:  # noqa: BLE001 - re-raised by the caller after llama_decode returns
-            self.error = ex
+        if ask:
+            return self._wants(t)
+        self._collect(t)
         return True
 
     def _wants(self, t: llama.GgmlTensor) -> bool:
@@ -357,10 +352,10 @@ class ImatrixResult:
 
 
 def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx: int = 512,
-                    chunks: int | None = None, n_batch: int = 2048, threads: int | None = None, gpu_layers: int = 0,
-                    parse_special: bool = False, process_output: bool = False, resume: Imatrix | None = None,
-                    start: Imatrix | None = None, checkpoint: Callable[[Imatrix], None] | None = None,
-                    checkpoint_every: int = 10,
+                    chunks: int | None = None, n_batch: int = 2048, threads: int | None = None,
+                    n_gpu_layers: int = -1, parse_special: bool = False, process_output: bool = False,
+                    resume: Imatrix | None = None, start: Imatrix | None = None,
+                    checkpoint: Callable[[Imatrix], None] | None = None, checkpoint_every: int = 10,
                     progress: Callable[[int, int], None] | None = None,
                     on_perplexity: Callable[[float], None] | None = None) -> ImatrixResult:
     """Evaluate ``text`` with llama.cpp and collect the importance matrix of ``model``.
@@ -371,10 +366,9 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
     KeyboardInterrupt propagates. ``progress(done, total)`` counts chunks; ``on_perplexity`` gets the running value.
     """
     model = Path(model)
-    if n_ctx < MIN_ROWS:
-        raise UsageError(f"the context must be at least {MIN_ROWS} tokens")
+    layout = ChunkLayout.of(n_ctx, n_batch)
     if chunks is not None and chunks < 1:
-        raise UsageError("--chunks must be at least 1")
+        raise UsageError("the number of chunks must be at least 1", param="chunks")
     start_chunk = 0
     datasets = [dataset]
     if resume is not None:
@@ -390,26 +384,16 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
         datasets = list(start.datasets) + datasets
     earlier = resume or start
     if earlier is not None:
-        weights = {name: ne for name, (_, ne) in llama.read_gguf_summary(model).tensors.items()}
-        check_against_model(earlier, weights, source="the earlier imatrix")
+        check_against_model(earlier, model_weights(model), source="the earlier imatrix")
 
     collector = Collector(process_output=process_output, start=earlier)
-    # llama-imatrix's batching: with the default logical batch of 2048 tokens, 2048 / n_ctx chunks are evaluated
-    # side by side as separate sequences; a chunk longer than the batch is fed in several decodes.
-    n_seq = max(1, n_batch // n_ctx)
-    n_batch = min(n_batch, n_seq * n_ctx)
-    decodes_per_chunk = -(-n_ctx // n_batch)
-    with llama.EvalModel(model, n_ctx=n_seq * n_ctx, n_batch=n_batch, n_seq=n_seq, n_threads=threads,
-                         n_gpu_layers=gpu_layers, on_eval=collector) as ev:
-        tokens = ev.tokenize(text, add_special=True, parse_special=parse_special)
+    with llama.Model(model, n_gpu_layers=n_gpu_layers) as m:
+        tokens = m.tokenize(text, add_special=True, parse_special=parse_special)
         if start_chunk:
             if (start_chunk + 2) * n_ctx >= len(tokens):
                 raise InputError(f"cannot resume: the text has no chunks left after the {start_chunk} already done")
             tokens = tokens[start_chunk * n_ctx:]
-        if len(tokens) < 2 * n_ctx:
-            raise InputError(f"the text has only {len(tokens)} tokens; a context of {n_ctx} needs at least "
-                             f"{2 * n_ctx}")
-        n_chunks = len(tokens) // n_ctx
+        n_chunks = layout.chunks_in(len(tokens))
         if chunks is not None:
             n_chunks = min(n_chunks, max(chunks - start_chunk, 0))
 
@@ -417,48 +401,137 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
             entries = collector.snapshot()
             return Imatrix(entries, datasets, _chunk_count(entries, n_ctx), n_ctx)
 
-        nll, count = 0.0, 0
+        sums = {"nll": 0.0, "count": 0, "done": 0}
         saved = current()
-        first = n_ctx // 2
+
+        def on_rows(chunk: int, logits: np.ndarray, targets: np.ndarray) -> None:
+            sums["nll"] += float(nll(logits, targets).sum())
+            sums["count"] += len(targets)
+
+        def after_group(done: int, total: int) -> None:
+            nonlocal saved
+            before, sums["done"] = sums["done"], done
+            saved = current()
+            if progress:
+                progress(done, total)
+            if on_perplexity:
+                on_perplexity(math.exp(sums["nll"] / sums["count"]))
+            if checkpoint and done // checkpoint_every > before // checkpoint_every and done < total:
+                checkpoint(saved)
+            if interrupted():
+                raise KeyboardInterrupt
+
         try:
-            with _deferred_interrupt() as interrupted:
-                for i in range(0, n_chunks, n_seq):
-                    if interrupted():
-                        raise KeyboardInterrupt
-                    seqs = range(i, min(i + n_seq, n_chunks))
-                    ev.clear()
-                    logits = []
-                    for j in range(decodes_per_chunk):
-                        parts = []
-                        for c in seqs:
-                            part = tokens[c * n_ctx + j * n_batch: min((c + 1) * n_ctx, c * n_ctx + (j + 1) * n_batch)]
-                            if j == 0 and ev.add_bos:
-                                part = part.copy()
-                                part[0] = ev.bos
-                            parts.append((part, j * n_batch))
-                        ev.decode(parts)
-                        if collector.error is not None:
-                            raise collector.error
-                        if decodes_per_chunk > 1:  # one sequence per decode then
-                            logits.append(ev.logits(len(parts[0][0])).copy())
-                    all_logits = np.concatenate(logits) if logits else ev.logits(len(seqs) * n_ctx)
-                    for s, c in enumerate(seqs):
-                        rows = all_logits[s * n_ctx + first: s * n_ctx + n_ctx - 1]
-                        nll += _nll(rows, tokens[c * n_ctx + first + 1:(c + 1) * n_ctx])
-                        count += n_ctx - 1 - first
-                    saved = current()
-                    done = seqs[-1] + 1
-                    if progress:
-                        progress(done, n_chunks)
-                    if on_perplexity:
-                        on_perplexity(math.exp(nll / count))
-                    if checkpoint and done // checkpoint_every > i // checkpoint_every and done < n_chunks:
-                        checkpoint(saved)
+            with _deferred_interrupt() as interrupted, \
+                    llama.Context(m, n_ctx=layout.ctx_size, n_batch=layout.n_batch, n_seq=layout.n_seq,
+                                  threads=threads, on_eval=collector) as ctx:
+                score_chunks(ctx, tokens, layout, n_chunks, on_rows, all_outputs=True, after_group=after_group)
         except KeyboardInterrupt:
             if checkpoint and saved.entries:
                 checkpoint(saved)
             raise
-    return ImatrixResult(saved, math.exp(nll / count) if count else None, n_chunks)
+    perplexity = math.exp(sums["nll"] / sums["count"]) if sums["count"] else None
+    return ImatrixResult(saved, perplexity, n_chunks)
+
+
+def model_weights(model: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The model's tensor shapes (ne0, ne1, ...) by name, from its GGUF header."""
+    from .metadata import read_metadata
+
+    return {t.name: t.ne for t in read_metadata(model).tensors}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`make_imatrix`; ``saved_chunks`` chunks were written to ``path`` (0: nothing saved)."""
+
+    def __init__(self, path: Path, saved_chunks: int):
+        super().__init__()
+        self.path, self.saved_chunks = path, saved_chunks
+
+
+@dataclass
+class ImatrixRun:
+    path: Path
+    imatrix: Imatrix
+    perplexity: float | None = None   # running PPL of the evaluated text (None when only combining)
+    combined: int = 0                  # earlier imatrices added in
+
+
+def default_output(model: Path) -> Path:
+    """Where an imatrix goes by default: ``MODEL.imatrix.gguf`` beside the model."""
+    return model.with_name(model.name.removesuffix(".gguf") + ".imatrix.gguf")
+
+
+def make_imatrix(model: str | os.PathLike | None, texts: list[str | os.PathLike] | None = None, *,
+                 out: str | os.PathLike | None = None, resume: bool = False,
+                 in_files: list[str | os.PathLike] | None = None, force: bool = False, n_ctx: int = 512,
+                 chunks: int | None = None, n_batch: int = 2048, threads: int | None = None, n_gpu_layers: int = -1,
+                 parse_special: bool | None = None, process_output: bool = False,
+                 progress: Callable[[int, int], None] | None = None,
+                 on_perplexity: Callable[[float], None] | None = None) -> ImatrixRun:
+    """What `cl3 imatrix` does, checked before any work: compute ``model``'s imatrix over ``texts`` (default: the
+    built-in calibration text), continuing the partial file at ``out`` with ``resume``, starting from the sum of
+    ``in_files``; without a model, only combine ``in_files``. Checkpoints and the result go to ``out`` atomically.
+
+    ``parse_special`` (read <|special|> tokens as tokens) defaults to on for the built-in text, off for files,
+    as llama-imatrix does. Ctrl-C raises :class:`Interrupted` after saving what complete chunks gave.
+    """
+    from . import calibration
+    from .files import check_new_output, is_directory_target, output_directory
+
+    in_files = list(in_files or [])
+    if resume and in_files:
+        raise UsageError("continuing a partial imatrix and adding earlier ones cannot be combined")
+    if model is None and not in_files:
+        raise UsageError("give a GGUF model, or earlier imatrices to combine")
+    model = Path(model) if model is not None else None
+    if model is not None:
+        llama.check_gguf_path(model)
+    if out is not None and is_directory_target(out):
+        if model is None:
+            raise UsageError("combining imatrices needs an output file name")
+        out = output_directory(out) / default_output(model).name
+    elif out is None:
+        if model is None:
+            raise UsageError("combining imatrices needs an output file")
+        out = default_output(model)
+    out = Path(out)
+    if model is not None and out.exists() and out.resolve() == model.resolve():
+        raise UsageError(f"the output would overwrite the model: {out}")
+    if not out.parent.is_dir() and str(out.parent):
+        raise OutputError(f"output directory does not exist: {out.parent}")
+    if resume:
+        if not out.is_file():
+            raise InputError(f"no partial imatrix to continue at {out}")
+    else:
+        check_new_output(out, force)
+    combined = combine_imatrices([read_imatrix(p) for p in in_files], n_ctx) if in_files else None
+    if model is None:
+        write_imatrix(combined, out)
+        return ImatrixRun(out, combined, combined=len(in_files))
+
+    if texts:
+        text, dataset = calibration.read_text_files(texts), ",".join(str(p) for p in texts)
+        special = bool(parse_special)
+    else:
+        text, dataset = calibration.calibration_text(), calibration.builtin_name(calibration.CALIBRATION)
+        special = parse_special is not False
+    saved = {"chunks": 0}
+
+    def checkpoint(partial: Imatrix) -> None:
+        write_imatrix(partial, out)
+        saved["chunks"] = partial.chunk_count
+
+    try:
+        result = compute_imatrix(model, text, dataset=dataset, n_ctx=n_ctx, chunks=chunks, n_batch=n_batch,
+                                 threads=threads, n_gpu_layers=n_gpu_layers, parse_special=special,
+                                 process_output=process_output, resume=read_imatrix(out) if resume else None,
+                                 start=combined, checkpoint=checkpoint, progress=progress,
+                                 on_perplexity=on_perplexity)
+    except KeyboardInterrupt:
+        raise Interrupted(out, saved["chunks"]) from None
+    write_imatrix(result.imatrix, out)
+    return ImatrixRun(out, result.imatrix, result.perplexity, len(in_files))
 
 
 @contextlib.contextmanager
@@ -488,17 +561,6 @@ def _deferred_interrupt():
 def _chunk_count(entries: dict[str, Entry], chunk_size: int) -> int:
     most = max((int(e.counts.max()) for e in entries.values() if len(e.counts)), default=0)
     return most // chunk_size
-
-
-def _nll(logits: np.ndarray, targets: np.ndarray, block: int = 32) -> float:
-    """Sum of negative log-likelihoods of ``targets`` under ``logits`` (rows), a few rows at a time (128k vocabs)."""
-    total = 0.0
-    for start in range(0, len(targets), block):
-        rows, tgt = logits[start:start + block], targets[start:start + block]
-        top = rows.max(axis=1, keepdims=True)
-        log_z = np.log(np.exp(rows - top).sum(axis=1, dtype=np.float64))
-        total += float(np.sum(log_z - (rows[np.arange(len(tgt)), tgt] - top[:, 0])))
-    return total
 
 
 def check_against_model(imatrix: Imatrix, weights: dict[str, tuple[int, ...]], source: str = "imatrix") -> None:

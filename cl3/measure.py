@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import llama
+from . import llama, paths
 from .errors import InputError, UsageError
-from .files import atomic_output
+from .files import atomic_output, check_new_output
+from .scoring import ChunkLayout, nll, score_chunks
 
 Progress = Callable[[int, int], None]
 
@@ -86,6 +87,7 @@ class PerplexityResult:
     text_tokens: int               # tokens of the whole text
     seconds: float
     threads: int
+    backend: str = "CPU"           # where the layers ran, e.g. "CPU", "CUDA0 (all layers)"
     kld: KldStats | None = None
     kld_base: str | None = None
 
@@ -157,14 +159,6 @@ class SpeedResult:
 
 
 # ------------------------------------------------------------------------------------------------------ perplexity
-
-def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row, as llama-perplexity's log_softmax (float32 exp, double sum)."""
-    mx = logits.max(axis=1)
-    sum_exp = np.exp(logits - mx[:, None]).sum(axis=1, dtype=np.float64)
-    picked = logits[np.arange(len(targets)), targets]
-    return -((picked - mx).astype(np.float64) - np.log(sum_exp))
-
 
 def _quantize_log_probs(logits: np.ndarray, targets: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray]:
     """llama-perplexity's uint16 log-probability rows (see BASE_LOGITS_FORMAT) and the NLL of each target."""
@@ -288,78 +282,12 @@ def _median(values: np.ndarray) -> float:
     return float(0.5 * (values[n // 2] + values[n // 2 - 1])) if n % 2 == 0 else float(values[n // 2])
 
 
-def _chunk_layout(n_ctx: int, n_batch: int) -> tuple[int, int, int]:
-    """llama-perplexity's n_seq (chunks decoded together), context size and effective n_batch."""
-    if n_ctx < 16:
-        raise UsageError(f"context size {n_ctx} is too small (at least 16 tokens)")
-    if n_batch < 1:
-        raise UsageError("batch size must be positive")
-    n_seq = max(1, n_batch // n_ctx)
-    n_batch = min(n_batch, n_seq * n_ctx)
-    if not (n_batch < n_ctx or n_batch % n_ctx == 0):
-        raise UsageError(f"batch size {n_batch} must be below the context size {n_ctx} or a multiple of it")
-    return n_seq, n_seq * n_ctx, n_batch
-
-
-def _score_chunks(ctx: llama.MeasureContext, tokens: np.ndarray, n_ctx: int, n_chunk: int, n_seq: int,
-                  n_batch: int, on_rows: Callable[[int, np.ndarray, np.ndarray], None],
-                  progress: Progress | None) -> None:
-    """Decode the chunks as llama-perplexity does and hand every scored block of logits to ``on_rows``.
-
-    ``on_rows(chunk, logits, targets)`` receives, in order, the logits of positions n_ctx/2 ... n_ctx-2 of each chunk
-    (possibly in several blocks) and the tokens they predict.
-    """
-    first = n_ctx // 2
-    num_batches = (n_ctx + n_batch - 1) // n_batch
-    for i in range(0, n_chunk, n_seq):
-        start = i * n_ctx
-        n_seq_batch = min(n_seq, n_chunk - i)
-        ctx.clear()
-        for j in range(num_batches):
-            batch_start = start + j * n_batch
-            batch_size = min(start + n_ctx - batch_start, n_batch)
-            pos = j * n_batch + np.arange(batch_size, dtype=np.int32)
-            parts = []
-            for seq in range(n_seq_batch):
-                toks = tokens[batch_start + seq * n_ctx: batch_start + seq * n_ctx + batch_size].copy()
-                if ctx.add_bos and j == 0:
-                    toks[0] = ctx.bos
-                parts.append(toks)
-            batch_tokens = np.concatenate(parts)
-            batch_pos = np.tile(pos, n_seq_batch)
-            batch_seq = np.repeat(np.arange(n_seq_batch, dtype=np.int32), batch_size)
-            want = batch_pos >= first
-            n_out = ctx.decode(batch_tokens, batch_pos, batch_seq, want.astype(np.int8))
-            if n_out == 0:
-                continue
-            out_pos = pos[pos >= first]            # positions with logits, the same in every sequence
-            logits_pos = out_pos[out_pos <= n_ctx - 2]  # the last position predicts beyond the chunk
-            if len(logits_pos) == 0:
-                continue
-            all_logits = ctx.logits(n_out, copy=False)  # valid until the next decode
-            block = max(1, (16 << 20) // ctx.n_vocab)   # rows per block: bounded temporaries for big vocabularies
-            for seq in range(n_seq_batch):
-                targets = tokens[start + seq * n_ctx + logits_pos + 1]
-                row0 = seq * len(out_pos)
-                for b in range(0, len(logits_pos), block):
-                    e = min(b + block, len(logits_pos))
-                    on_rows(i + seq, all_logits[row0 + b: row0 + e], targets[b:e])
-        if progress:
-            progress(min(i + n_seq, n_chunk), n_chunk)
-
-
 def _read_text(text: str | None) -> str:
     if text is not None:
         return text
     from .calibration import evaluation_text
 
     return evaluation_text()
-
-
-def _check_tokens(tokens: np.ndarray, n_ctx: int) -> None:
-    if len(tokens) < 2 * n_ctx:
-        raise InputError(f"the text has only {len(tokens)} tokens; perplexity with a context of {n_ctx} needs at "
-                         f"least {2 * n_ctx} (use a longer text or a smaller -c)")
 
 
 def perplexity(model: str | os.PathLike, text: str | None = None, *, n_ctx: int = 512, n_batch: int = 2048,
@@ -384,59 +312,59 @@ def perplexity(model: str | os.PathLike, text: str | None = None, *, n_ctx: int 
 def _perplexity(model, text: str, *, n_ctx: int, n_batch: int, chunks: int | None, threads: int | None,
                 n_gpu_layers: int, progress: Progress | None, on_chunk, base_out: Path | None = None
                 ) -> PerplexityResult:
-    n_seq, ctx_size, n_batch = _chunk_layout(n_ctx, n_batch)
+    layout = ChunkLayout.of(n_ctx, n_batch)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        ctx = stack.enter_context(llama.MeasureContext(model, n_ctx=ctx_size, n_batch=n_batch, n_seq=n_seq,
-                                                       n_threads=threads, n_gpu_layers=n_gpu_layers))
-        if ctx.add_eos:
+        m = stack.enter_context(llama.Model(model, n_gpu_layers=n_gpu_layers))
+        if m.add_eos:
             raise InputError(f"{model}: the model appends EOS to every text; perplexity is undefined for it")
-        tokens = ctx.tokenize(text)
-        _check_tokens(tokens, n_ctx)
-        n_chunk = len(tokens) // n_ctx if chunks is None else min(chunks, len(tokens) // n_ctx)
-        if n_chunk < 1:
-            raise UsageError("--chunks must be at least 1")
+        tokens = m.tokenize(text)
+        n_chunk = layout.chunks_in(len(tokens), chunks)
+        ctx = stack.enter_context(llama.Context(m, n_ctx=layout.ctx_size, n_batch=layout.n_batch,
+                                                n_seq=layout.n_seq, threads=threads))
         sums = {"nll": 0.0, "nll2": 0.0, "count": 0}
-        nv = 2 * ((ctx.n_vocab + 1) // 2) + 4
+        nv = 2 * ((m.n_vocab + 1) // 2) + 4
         out = stack.enter_context(open(base_out, "wb")) if base_out is not None else None
         if out is not None:
-            out.write(BASE_LOGITS_MAGIC + struct.pack("<Iii", n_ctx, ctx.n_vocab, n_chunk))
+            out.write(BASE_LOGITS_MAGIC + struct.pack("<Iii", n_ctx, m.n_vocab, n_chunk))
             out.write(tokens[: n_chunk * n_ctx].astype("<i4").tobytes())
 
         def on_rows(chunk: int, logits: np.ndarray, targets: np.ndarray) -> None:
             if out is not None:
-                rows, nll = _quantize_log_probs(logits, targets, nv)
+                rows, row_nll = _quantize_log_probs(logits, targets, nv)
                 out.write(rows.tobytes())
             else:
-                nll = _log_softmax_nll(logits, targets)
-            sums["nll"] += float(nll.sum())
-            sums["nll2"] += float((nll * nll).sum())
-            sums["count"] += len(nll)
+                row_nll = nll(logits, targets)
+            sums["nll"] += float(row_nll.sum())
+            sums["nll2"] += float((row_nll * row_nll).sum())
+            sums["count"] += len(row_nll)
 
-        def after_chunks(done: int, total: int) -> None:
+        def after_group(done: int, total: int) -> None:
             if progress:
                 progress(done, total)
             if on_chunk:
                 on_chunk(done, math.exp(sums["nll"] / sums["count"]))
 
-        _score_chunks(ctx, tokens, n_ctx, n_chunk, n_seq, n_batch, on_rows, after_chunks)
-        used_threads = ctx.n_threads
+        score_chunks(ctx, tokens, layout, n_chunk, on_rows, after_group=after_group)
+        used_threads, backend = ctx.threads, m.backend
     count = sums["count"]
-    nll = sums["nll"] / count
-    var = sums["nll2"] / count - nll * nll
-    ppl = math.exp(nll)
+    mean = sums["nll"] / count
+    var = sums["nll2"] / count - mean * mean
+    ppl = math.exp(mean)
     stderr = math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else 0.0
-    return PerplexityResult(model=str(model), ppl=ppl, stderr=stderr, n_ctx=n_ctx, n_batch=n_batch, chunks=n_chunk,
-                            tokens=count, text_tokens=len(tokens), seconds=time.perf_counter() - t0,
-                            threads=used_threads)
+    return PerplexityResult(model=str(model), ppl=ppl, stderr=stderr, n_ctx=n_ctx, n_batch=layout.n_batch,
+                            chunks=n_chunk, tokens=count, text_tokens=len(tokens), seconds=time.perf_counter() - t0,
+                            threads=used_threads, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------- KL divergence
 
 def save_base_logits(model: str | os.PathLike, out: str | os.PathLike, text: str | None = None, *, n_ctx: int = 512,
                      n_batch: int = 2048, chunks: int | None = None, threads: int | None = None,
-                     n_gpu_layers: int = -1, progress: Progress | None = None) -> PerplexityResult:
+                     n_gpu_layers: int = -1, force: bool = False, progress: Progress | None = None
+                     ) -> PerplexityResult:
     """Run the base model once and store its token distributions (llama-perplexity --kl-divergence-base)."""
+    check_new_output(Path(out), force)
     with atomic_output(out) as tmp:
         return _perplexity(model, _read_text(text), n_ctx=n_ctx, n_batch=n_batch, chunks=chunks, threads=threads,
                            n_gpu_layers=n_gpu_layers, progress=progress, on_chunk=None, base_out=tmp)
@@ -478,36 +406,28 @@ def _base_logits_file(base: Path, text: str | None, *, n_ctx: int, n_batch: int,
     st = base.stat()
     key = hashlib.sha256(f"{base.resolve()}|{st.st_size}|{st.st_mtime_ns}|{n_ctx}|{n_batch}|{chunks}|".encode()
                          + text.encode()).hexdigest()[:24]
-    cache = _cache_dir() / "kld-base"
+    cache = paths.cache_dir() / "kld-base"
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"{base.stem}-c{n_ctx}-{key}.logits"
     if not path.exists():
         save_base_logits(base, path, text, n_ctx=n_ctx, n_batch=n_batch, chunks=chunks, threads=threads,
-                         n_gpu_layers=n_gpu_layers)
+                         n_gpu_layers=n_gpu_layers, force=True)
     return path
-
-
-def _cache_dir() -> Path:
-    if env := os.environ.get("CL3_CACHE_DIR"):
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("cl3"))
 
 
 def _kl_divergence(model, base_file: Path, *, n_batch: int, threads: int | None, n_gpu_layers: int,
                    progress: Progress | None, on_chunk, kld_base: str) -> PerplexityResult:
     n_ctx, n_vocab, n_chunk, tokens, offset = _read_base_header(base_file)
-    n_seq, ctx_size, n_batch = _chunk_layout(n_ctx, n_batch)
+    layout = ChunkLayout.of(n_ctx, n_batch)
     nv = 2 * ((n_vocab + 1) // 2) + 4
-    per_chunk = n_ctx - 1 - n_ctx // 2
+    per_chunk = layout.scored_per_chunk
     base = np.memmap(base_file, dtype="<u2", mode="r", offset=offset, shape=(n_chunk * per_chunk, nv))
     acc = _KldAccumulator()
     t0 = time.perf_counter()
-    with llama.MeasureContext(model, n_ctx=ctx_size, n_batch=n_batch, n_seq=n_seq, n_threads=threads,
-                              n_gpu_layers=n_gpu_layers) as ctx:
-        if ctx.n_vocab != n_vocab:
-            raise InputError(f"{model} has a vocabulary of {ctx.n_vocab} tokens but the KLD base has {n_vocab}")
+    with llama.Model(model, n_gpu_layers=n_gpu_layers) as m, \
+            llama.Context(m, n_ctx=layout.ctx_size, n_batch=layout.n_batch, n_seq=layout.n_seq, threads=threads) as ctx:
+        if m.n_vocab != n_vocab:
+            raise InputError(f"{model} has a vocabulary of {m.n_vocab} tokens but the KLD base has {n_vocab}")
         done = {}
 
         def on_rows(chunk: int, logits: np.ndarray, targets: np.ndarray) -> None:
@@ -516,18 +436,19 @@ def _kl_divergence(model, base_file: Path, *, n_batch: int, threads: int | None,
             acc.add(logits, targets, np.asarray(base[row0: row0 + len(targets)]))
             done[chunk] = at + len(targets)
 
-        def after_chunks(n_done: int, total: int) -> None:
+        def after_group(n_done: int, total: int) -> None:
             if progress:
                 progress(n_done, total)
             if on_chunk:
                 on_chunk(n_done, acc.ppl()[0])
 
-        _score_chunks(ctx, tokens, n_ctx, n_chunk, n_seq, n_batch, on_rows, after_chunks)
-        used_threads = ctx.n_threads
+        score_chunks(ctx, tokens, layout, n_chunk, on_rows, after_group=after_group)
+        used_threads, backend = ctx.threads, m.backend
     ppl, stderr = acc.ppl()
-    return PerplexityResult(model=str(model), ppl=ppl, stderr=stderr, n_ctx=n_ctx, n_batch=n_batch, chunks=n_chunk,
-                            tokens=acc.count, text_tokens=len(tokens), seconds=time.perf_counter() - t0,
-                            threads=used_threads, kld=acc.stats(), kld_base=kld_base)
+    return PerplexityResult(model=str(model), ppl=ppl, stderr=stderr, n_ctx=n_ctx, n_batch=layout.n_batch,
+                            chunks=n_chunk, tokens=acc.count, text_tokens=len(tokens),
+                            seconds=time.perf_counter() - t0, threads=used_threads, backend=backend,
+                            kld=acc.stats(), kld_base=kld_base)
 
 
 # ----------------------------------------------------------------------------------------------------------- speed
@@ -546,44 +467,43 @@ def speed(model: str | os.PathLike, *, n_prompt: int = 512, n_gen: int = 128, re
     tests += [(f"tg{n_gen}", 0, n_gen)] if n_gen else []
     total = len(tests) * (repetitions + int(warmup))
     done = 0
-    result = None
-    for name, pp, tg in tests:
-        with llama.MeasureContext(model, n_ctx=pp + tg, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=threads,
-                                  n_gpu_layers=n_gpu_layers, threadpool=True) as ctx:
-            if result is None:
-                result = SpeedResult(model=str(model), description=ctx.description, model_bytes=ctx.model_bytes,
-                                     n_params=ctx.n_params, threads=ctx.n_threads, n_batch=n_batch,
-                                     n_ubatch=n_ubatch, n_gpu_layers=n_gpu_layers, repetitions=repetitions,
-                                     backend=info)
-            def run(ctx=ctx, pp=pp, tg=tg) -> None:
-                _run_prompt(ctx, pp, rng) if pp else _run_gen(ctx, tg, rng)
+    with llama.Model(model, n_gpu_layers=n_gpu_layers) as m:
+        result = SpeedResult(model=str(model), description=m.description, model_bytes=m.n_bytes, n_params=m.n_params,
+                             threads=threads or llama.physical_cpu_count(), n_batch=n_batch, n_ubatch=n_ubatch,
+                             n_gpu_layers=n_gpu_layers, repetitions=repetitions, backend=info | {"layers": m.backend})
+        for name, pp, tg in tests:  # a fresh context per test, as llama-bench makes
+            with llama.Context(m, n_ctx=pp + tg, n_batch=n_batch, n_ubatch=n_ubatch, threads=threads,
+                               threadpool=True) as ctx:
+                def run(ctx=ctx, pp=pp, tg=tg) -> None:
+                    _run_prompt(ctx, pp, rng) if pp else _run_gen(ctx, tg, rng)
 
-            if warmup:
-                run(tg=1)
-                done += 1
-                if progress:
-                    progress(done, total)
-            samples = []
-            for _ in range(repetitions):
-                ctx.clear()
-                t0 = time.perf_counter_ns()
-                run()
-                samples.append(time.perf_counter_ns() - t0)
-                done += 1
-                if progress:
-                    progress(done, total)
-            result.tests.append(SpeedTest(name, pp, tg, samples))
+                if warmup:
+                    run(tg=1)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                samples = []
+                for _ in range(repetitions):
+                    ctx.clear()
+                    t0 = time.perf_counter_ns()
+                    run()
+                    samples.append(time.perf_counter_ns() - t0)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                result.tests.append(SpeedTest(name, pp, tg, samples))
     return result
 
 
-def _run_prompt(ctx: llama.MeasureContext, n_prompt: int, rng: np.random.Generator) -> None:
+def _run_prompt(ctx: llama.Context, n_prompt: int, rng: np.random.Generator) -> None:
     """llama-bench's test_prompt: random tokens (BOS first when the model adds one) in n_batch pieces."""
+    model = ctx.model
     done = 0
     while done < n_prompt:
         n = min(n_prompt - done, ctx.n_batch)
-        toks = rng.integers(0, ctx.n_vocab, n, dtype=np.int32)
-        if done == 0 and ctx.add_bos:
-            toks[0] = ctx.bos
+        toks = rng.integers(0, model.n_vocab, n, dtype=np.int32)
+        if done == 0 and model.add_bos:
+            toks[0] = model.bos
         output = np.zeros(n, dtype=np.int8)
         output[-1] = 1
         ctx.decode(toks, np.arange(done, done + n, dtype=np.int32), np.zeros(n, np.int32), output)
@@ -591,15 +511,16 @@ def _run_prompt(ctx: llama.MeasureContext, n_prompt: int, rng: np.random.Generat
     ctx.synchronize()
 
 
-def _run_gen(ctx: llama.MeasureContext, n_gen: int, rng: np.random.Generator) -> None:
+def _run_gen(ctx: llama.Context, n_gen: int, rng: np.random.Generator) -> None:
     """llama-bench's test_gen: one token per decode, synchronised after each."""
-    token = ctx.bos if ctx.add_bos else int(rng.integers(0, ctx.n_vocab))
+    model = ctx.model
+    token = model.bos if model.add_bos else int(rng.integers(0, model.n_vocab))
     one = np.zeros(1, np.int32)
     flag = np.ones(1, np.int8)
     for i in range(n_gen):
         ctx.decode(np.array([token], np.int32), np.array([i], np.int32), one, flag)
         ctx.synchronize()
-        token = int(rng.integers(0, ctx.n_vocab))
+        token = int(rng.integers(0, model.n_vocab))
 
 
 def memory_bandwidth_floor_ms(model_bytes: int, bandwidth_gbs: float) -> float:

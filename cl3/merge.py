@@ -10,25 +10,23 @@ export_lora_gguf(): the file llama.cpp's convert_lora_to_gguf.py writes (general
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import gguf
 import ml_dtypes
 import numpy as np
 
+from .convert import permute_qk_rows
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
-from .files import atomic_output
+from .files import atomic_output, check_new_output, is_directory_target, output_directory
 from .hf import TensorRef, index_safetensors, open_checkpoint, read_json
 
 Progress = Callable[[int, int], None]
@@ -103,7 +101,8 @@ def open_adapter(src: str | os.PathLike, *, allow_pickle: bool = False) -> LoraA
         if (path / "adapter_model.bin").is_file():
             if not allow_pickle:
                 raise InputError(f"{path.name} has only adapter_model.bin, a PyTorch pickle (loading one can run "
-                                 "arbitrary code); convert it to safetensors, or pass --allow-pickle if you trust it")
+                                 "arbitrary code); convert it to safetensors, or allow pickles if you trust it",
+                                 param="allow_pickle")
             raise UnsupportedModelError("reading adapter_model.bin needs PyTorch, which cl3 does not use; convert it "
                                         "to adapter_model.safetensors first (e.g. with PEFT's save_pretrained)")
         raise InputError(f"no adapter weights (adapter_model.safetensors) in {path}")
@@ -190,7 +189,8 @@ class MergePlan:
         total = sum(int(np.prod(ref.shape)) * storage.itemsize for tensors in self.shards.values() for _, ref in tensors)
         done = 0
         weight_map: dict[str, str] = {}
-        with _atomic_dir(self.out) as tmp:
+        _check_output_dir(self.out)
+        with atomic_output(self.out, directory=True) as tmp:
             for file_name, tensors in self.shards.items():
                 for name, _ in tensors:
                     weight_map[name] = file_name
@@ -222,7 +222,7 @@ def plan_merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                allow_pickle: bool = False) -> MergePlan:
     """Open and cross-check the base checkpoint and the adapter; raises a Cl3Error on anything unusable."""
     if dtype not in ("auto", *OUT_DTYPES):
-        raise UsageError(f"unknown --dtype {dtype!r}; choose bf16, f16, f32 or auto (the base's)")
+        raise UsageError(f"unknown dtype {dtype!r}; choose bf16, f16, f32 or auto (the base's)", param="dtype")
     out = Path(out)
     _check_output_dir(out)
     ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
@@ -294,27 +294,6 @@ def _check_fit(ckpt, lora: LoraAdapter, config: dict) -> int:
     return vocab
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary directory beside `path`, renamed to `path` only if the block succeeds (else removed)."""
-    parent = path.parent if str(path.parent) else Path(".")
-    _check_output_dir(path)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
-    except OSError as ex:
-        raise OutputError(f"cannot write to {parent}: {ex.strerror}") from None
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as ex:
-        if ex.errno == 28:
-            raise OutputError(f"no space left on the device while writing {path}") from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _check_output_dir(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -322,11 +301,6 @@ def _check_output_dir(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise OutputError(f"{path} already exists and is not empty; choose another output directory")
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _SafetensorsStream:
@@ -354,7 +328,7 @@ class _SafetensorsStream:
         np.ascontiguousarray(rows, dtype=self.dtype).tofile(self.file)
         self.written += rows.nbytes
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> _SafetensorsStream:
         self.file = self.path.open("wb")
         self.file.write(struct.pack("<Q", len(self.header)) + self.header)
         return self
@@ -379,7 +353,7 @@ class LoraGGUFResult:
 
 
 def export_lora_gguf(adapter: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, *,
-                     outtype: str = "f32", allow_pickle: bool = False) -> LoraGGUFResult:
+                     outtype: str = "f32", allow_pickle: bool = False, force: bool = False) -> LoraGGUFResult:
     """Write the adapter as a llama.cpp LoRA GGUF for the base model `base` (an HF directory, its config.json, or the
     base GGUF): tensor blk.N.<name>.weight.lora_a (r × in) / .lora_b (out × r), Q/K rows permuted like the base's.
     `out` is a file, or a directory for the default name {adapter}-LoRA-{TYPE}.gguf; outtype "auto" means f32."""
@@ -415,14 +389,14 @@ def export_lora_gguf(adapter: str | os.PathLike, base: str | os.PathLike, out: s
         b *= pair.scale * pair.rank / alpha if alpha else pair.scale
         heads_for = heads if pair.module.endswith("q_proj") else kv_heads if pair.module.endswith("k_proj") else 0
         if heads_for:
-            rows = b.shape[0] // heads_for
-            b = b.reshape(heads_for, 2, rows // 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
+            b = permute_qk_rows(b, b.shape[0] // heads_for)
         tensors += [(name + ".lora_a", a), (name + ".lora_b", b)]
     for tname, data in tensors:
         writer.add_tensor(tname, _gguf_encode(data, qtype), raw_dtype=qtype)
+    if is_directory_target(out):
+        out = output_directory(out) / f"{Path(adapter).resolve().name}-LoRA-{outtype.upper()}.gguf"
     out = Path(out)
-    if out.is_dir():
-        out = out / f"{Path(adapter).resolve().name}-LoRA-{outtype.upper()}.gguf"
+    check_new_output(out, force)
     with atomic_output(out) as tmp:
         try:
             writer.write_header_to_file(path=tmp)

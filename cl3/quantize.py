@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,19 +19,20 @@ import gguf
 
 from . import calibration, llama
 from .errors import InputError, OutputError, UsageError
-from .files import atomic_output
+from .files import atomic_output, check_new_output, is_directory_target, output_directory
 from .imatrix import Imatrix, check_against_model, compute_imatrix, read_imatrix, write_imatrix
+from .metadata import read_metadata
+from .progress import Stage, stage_progress
 
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
-SOURCE_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+SOURCE_TYPES = {int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.F16),
+                int(gguf.GGMLQuantizationType.BF16)}
 
 KV_IMATRIX_FILE = "quantize.imatrix.file"
 KV_IMATRIX_DATASET = "quantize.imatrix.dataset"
 KV_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
 KV_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
 
-# progress(description, unit) -> context manager yielding update(done, total)
-Stage = Callable[[str, str], AbstractContextManager[Callable[[int, int], None]]]
 
 
 def file_types() -> dict[str, llama.FileType]:
@@ -63,13 +62,14 @@ def resolve_types(spec: str | Iterable[str]) -> list[llama.FileType]:
     return types
 
 
-def ggml_type(name: str | None, option: str) -> int | None:
+def ggml_type(name: str | None, what: str) -> int | None:
     if name is None:
         return None
     try:
         return llama.ggml_type_by_name(name)
     except ValueError:
-        raise UsageError(f"{option}: unknown tensor type {name!r}") from None
+        raise UsageError(f"unknown tensor type {name!r} for the {what}",
+                         param=what.replace(" ", "_") + "_type") from None
 
 
 @dataclass
@@ -79,28 +79,22 @@ class Source:
     path: Path
     weights: dict[str, tuple[int, ...]]  # tensor name -> ne[0..3]
     base_name: str
+    file_type: int | None = None         # general.file_type
 
     @classmethod
-    def open(cls, path: Path) -> Source:
-        if not path.is_file():
-            raise InputError(f"no such GGUF file: {path}")
-        summary = llama.read_gguf_summary(path)
-        meta = summary.strings
-        if meta.get("general.type", "model") != "model":
-            raise InputError(f"{path} is not a model GGUF (general.type = {meta['general.type']})")
-        if not summary.tensors:
+    def open(cls, path: Path, *, allow_requantize: bool = False) -> Source:
+        meta = read_metadata(path)
+        if meta.general_type != "model":
+            raise InputError(f"{path} is not a model GGUF (general.type = {meta.general_type})")
+        if not meta.tensors:
             raise InputError(f"{path} holds no tensors")
-        quantized = [name for name, (qtype, ne) in summary.tensors.items() if ne[1] > 1 and qtype not in SOURCE_TYPES]
-        if quantized:
-            raise InputError(f"{path} is already quantized ({quantized[0]}); quantize from an F32, F16 or BF16 GGUF")
-        weights = {name: ne for name, (_, ne) in summary.tensors.items()}
-        size_label = meta.get("general.size_label")
-        if size_label is None:
-            n_params = sum(math.prod(ne) for ne in weights.values())
-            size_label = gguf.model_weight_count_rounded_notation(n_params)
-        base = gguf.naming_convention(meta.get("general.name"), meta.get("general.basename"),
-                                      meta.get("general.finetune"), meta.get("general.version"), size_label, None)
-        return cls(path, weights, base)
+        quantized = [t.name for t in meta.tensors if t.ne[1] > 1 and t.ggml_type not in SOURCE_TYPES]
+        if quantized and not allow_requantize:
+            raise InputError(f"{path} is already quantized ({quantized[0]}); quantize from an F32, F16 or BF16 GGUF "
+                             "(requantizing loses quality and must be asked for)", param="allow_requantize")
+        size_label = meta.size_label or gguf.model_weight_count_rounded_notation(meta.n_params)
+        base = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, size_label, None)
+        return cls(path, {t.name: t.ne for t in meta.tensors}, base, meta.file_type)
 
     def output_name(self, file_type: llama.FileType, suffix: str = "") -> str:
         return f"{self.base_name}-{file_type.name}{suffix}.gguf"
@@ -151,10 +145,10 @@ def cached_imatrix_path(source_file: Path, cache_dir: Path, digest: str, chunks:
     return cache_dir / f"{stem}.{digest[:16]}{limit}.imatrix.gguf"
 
 
-def builtin_imatrix(source: Source, cache_dir: Path, *, threads: int | None = None, chunks: int | None = None,
-                    stage: Stage | None = None) -> tuple[Path, bool]:
+def builtin_imatrix(source: Source, cache_dir: Path, *, threads: int | None = None, n_gpu_layers: int = -1,
+                    chunks: int | None = None, stage: Stage | None = None) -> tuple[Path, bool]:
     """The imatrix of ``source`` computed on the built-in calibration text, cached; returns (path, reused)."""
-    with _stage(stage, "hashing source", "bytes") as update:
+    with stage_progress(stage, "hashing source", "bytes") as update:
         digest = file_sha256(source.path, update)
     path = cached_imatrix_path(source.path, cache_dir, digest, chunks)
     dataset = calibration.builtin_name(calibration.CALIBRATION)
@@ -166,37 +160,34 @@ def builtin_imatrix(source: Source, cache_dir: Path, *, threads: int | None = No
                 return path, True
         except InputError:
             pass
-    with _stage(stage, "imatrix (built-in text)", "chunks") as update:
+    with stage_progress(stage, "imatrix (built-in text)", "chunks") as update:
         result = compute_imatrix(source.path, calibration.calibration_text(), dataset=dataset, threads=threads,
-                                 chunks=chunks, parse_special=True, progress=update)
+                                 n_gpu_layers=n_gpu_layers, chunks=chunks, parse_special=True, progress=update)
     write_imatrix(result.imatrix, path)
     return path, False
 
 
-@contextlib.contextmanager
-def _stage(stage: Stage | None, description: str, unit: str) -> Iterator[Callable[[int, int], None] | None]:
-    if stage is None:
-        yield None
-    else:
-        with stage(description, unit) as update:
-            yield update
+def output_target(out: str | os.PathLike | None, n_types: int) -> tuple[Path | None, bool]:
+    """(path, is a folder) for ``out``: a folder (created when missing) or, for one type only, a file name in an
+    existing folder. Checked before any work (an HF source is converted first)."""
+    if out is None:
+        return None, True
+    if is_directory_target(out):
+        return output_directory(out), True
+    path = Path(out)
+    if n_types > 1:
+        raise UsageError(f"{path} is not a folder; several types need a folder for their outputs "
+                         f"(end the name with / to create one)")
+    if not path.parent.is_dir() and str(path.parent):
+        raise OutputError(f"output directory does not exist: {path.parent}")
+    return path, False
 
 
-def check_output_target(out: Path | None, n_types: int) -> None:
-    """``out`` names a file only for one type, and then in an existing directory."""
-    if out is not None and not out.is_dir():
-        if n_types > 1:
-            raise UsageError(f"{out} is not a directory; several types need a directory for their outputs")
-        if not out.parent.is_dir() and str(out.parent):
-            raise OutputError(f"output directory does not exist: {out.parent}")
-
-
-def plan_outputs(source: Source, types: list[llama.FileType], out: Path | None, default_dir: Path,
-                 suffix: str = "") -> list[Path]:
-    """Output path per type: ``out`` if it is a file name (one type only), else default names in ``out`` or beside
-    the source."""
-    check_output_target(out, len(types))
-    if out is not None and not out.is_dir():
+def plan_outputs(source: Source, types: list[llama.FileType], out: Path | None, out_is_dir: bool, default_dir: Path,
+                 suffix: str = "", force: bool = False) -> list[Path]:
+    """Output path per type: ``out`` if it names a file (one type only), else default names in ``out`` or beside
+    the source. Existing files are refused unless ``force``."""
+    if out is not None and not out_is_dir:
         outputs = [out]
     else:
         directory = out if out is not None else default_dir
@@ -204,34 +195,23 @@ def plan_outputs(source: Source, types: list[llama.FileType], out: Path | None, 
     for path in outputs:
         if path.exists() and path.resolve() == source.path.resolve():
             raise UsageError(f"the output would overwrite the source: {path}")
+        check_new_output(path, force)
     return outputs
 
 
 def quantize_gguf(src: Path, dst: Path, file_type: llama.FileType, *, imatrix: ImatrixChoice | None = None,
-                  threads: int = 0, output_tensor_type: int | None = None, token_embedding_type: int | None = None,
-                  pure: bool = False, leave_output_tensor: bool = False,
+                  threads: int | None = None, output_tensor_type: int | None = None, token_embedding_type: int | None = None,
+                  pure: bool = False, leave_output_tensor: bool = False, allow_requantize: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Quantize one GGUF to one file type, atomically."""
     with atomic_output(dst) as tmp:
-        try:
-            llama.quantize_file(src, tmp, file_type.ftype, threads=threads,
-                                imatrix=imatrix.importances if imatrix else None,
-                                metadata=imatrix.metadata() if imatrix else None,
-                                output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
-                                pure=pure, leave_output_tensor=leave_output_tensor, progress=progress)
-        except Exception:
-            if _free_bytes(dst.parent) < 1 << 20:
-                raise OutputError(f"no space left on the device while writing {dst}") from None
-            raise
+        llama.quantize_file(src, tmp, file_type.ftype, threads=threads or 0,
+                            imatrix=imatrix.importances if imatrix else None,
+                            metadata=imatrix.metadata() if imatrix else None,
+                            output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+                            pure=pure, leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize,
+                            progress=progress)
     return dst
-
-
-def _free_bytes(directory: Path) -> int:
-    try:
-        st = os.statvfs(directory)
-        return st.f_bavail * st.f_frsize
-    except OSError:
-        return 1 << 62
 
 
 @dataclass
@@ -242,53 +222,51 @@ class QuantizeResult:
 
 
 def quantize(src: str | os.PathLike, types: str | Iterable[str], *, out: str | os.PathLike | None = None,
-             imatrix: str | os.PathLike | bool | None = None, threads: int = 0,
+             imatrix: str | os.PathLike | bool | None = None, threads: int | None = None, n_gpu_layers: int = -1,
              output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-             pure: bool = False, leave_output_tensor: bool = False, imatrix_chunks: int | None = None,
-             name_imatrix: bool = False, stage: Stage | None = None) -> QuantizeResult:
+             pure: bool = False, leave_output_tensor: bool = False, allow_requantize: bool = False,
+             imatrix_chunks: int | None = None, force: bool = False, stage: Stage | None = None) -> QuantizeResult:
     """Quantize ``src`` (an F32/F16/BF16 GGUF or an HF checkpoint directory) to every type in ``types``.
 
     ``imatrix``: a file, ``True`` to compute (or reuse) one on the built-in calibration text cached beside the
-    source (``imatrix_chunks`` limits its text), or ``None``; ``name_imatrix`` appends ``-im`` to default output
-    names (the imatrix is always recorded in the metadata). Everything is checked before any work; each output is written atomically.
+    source (``imatrix_chunks`` limits its text), or ``None``. ``out``: a file (one type) or a folder; default names
+    are ``{name}-{size}-{TYPE}.gguf``, with ``-im`` when an imatrix is used (it is also recorded in the metadata).
+    Existing outputs are replaced only with ``force``. Everything is checked before any work; each output is
+    written atomically.
     """
     src = Path(src)
     file_types = resolve_types(types)
-    out_type = ggml_type(output_tensor_type, "--output-tensor-type")
-    embd_type = ggml_type(token_embedding_type, "--token-embedding-type")
+    out_type = ggml_type(output_tensor_type, "output tensor")
+    embd_type = ggml_type(token_embedding_type, "token embedding")
     needs = [t.name for t in file_types if t.needs_imatrix]
     if needs and not imatrix:
-        raise UsageError(f"{', '.join(needs)} needs an importance matrix: add --imatrix (optionally with a file)")
+        raise UsageError(f"{', '.join(needs)} needs an importance matrix (a file, or one computed on the built-in "
+                         "calibration text)", param="imatrix")
     if imatrix_chunks is not None and imatrix_chunks < 1:
-        raise UsageError("--imatrix-chunks must be at least 1")
+        raise UsageError("the imatrix needs at least 1 chunk", param="imatrix_chunks")
     if not src.exists():
         raise InputError(f"no such file or directory: {src}")
     imatrix_path = Path(imatrix) if isinstance(imatrix, (str, os.PathLike)) else None
     if imatrix_path is not None and not imatrix_path.is_file():
         raise InputError(f"imatrix file not found: {imatrix_path}")
-    out_path = Path(out) if out is not None else None
-    check_output_target(out_path, len(file_types))  # before converting an HF checkpoint
+    out_path, out_is_dir = output_target(out, len(file_types))  # before converting an HF checkpoint
 
     with contextlib.ExitStack() as stack:
         if src.is_dir():
             from .convert import convert
 
-            if out_path is not None and out_path.is_dir():
-                work_dir = out_path
-            elif out_path is not None:
-                work_dir = out_path.parent if str(out_path.parent) else Path(".")
-            else:
-                work_dir = src.parent
+            work_dir = out_path if out_is_dir and out_path is not None else (
+                (out_path.parent if str(out_path.parent) else Path(".")) if out_path is not None else src.parent)
             tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".cl3-convert-", dir=work_dir)))
             gguf_src = tmp_dir / f"{src.name}-F16.gguf"
-            with _stage(stage, "converting to F16", "bytes") as update:
+            with stage_progress(stage, "converting to F16", "bytes") as update:
                 convert(src, gguf_src, outtype="f16", progress=update)
             default_dir, cache_dir = src.parent, src.parent
         else:
             gguf_src = src
             default_dir = cache_dir = src.parent if str(src.parent) else Path(".")
-        source = Source.open(gguf_src)
-        outputs = plan_outputs(source, file_types, out_path, default_dir, "-im" if name_imatrix and imatrix else "")
+        source = Source.open(gguf_src, allow_requantize=allow_requantize)
+        outputs = plan_outputs(source, file_types, out_path, out_is_dir, default_dir, "-im" if imatrix else "", force)
 
         choice = None
         result = QuantizeResult(outputs)
@@ -296,14 +274,15 @@ def quantize(src: str | os.PathLike, types: str | Iterable[str], *, out: str | o
             choice = load_imatrix_for(source, imatrix_path)
             result.imatrix_file = imatrix_path
         elif imatrix is True:
-            path, reused = builtin_imatrix(source, cache_dir, threads=threads or None, chunks=imatrix_chunks,
-                                           stage=stage)
+            path, reused = builtin_imatrix(source, cache_dir, threads=threads, n_gpu_layers=n_gpu_layers,
+                                           chunks=imatrix_chunks, stage=stage)
             choice = load_imatrix_for(source, path)
             result.imatrix_file, result.imatrix_reused = path, reused
 
         for file_type, output in zip(file_types, outputs):
-            with _stage(stage, file_type.name, "tensors") as update:
+            with stage_progress(stage, file_type.name, "tensors") as update:
                 quantize_gguf(gguf_src, output, file_type, imatrix=choice, threads=threads,
                               output_tensor_type=out_type, token_embedding_type=embd_type, pure=pure,
-                              leave_output_tensor=leave_output_tensor, progress=update)
+                              leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize,
+                              progress=update)
     return result

@@ -35,22 +35,23 @@ def is_loopback(host: str) -> bool:
 
 
 def server_settings(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                    n_ctx: int | None = None, n_threads: int = 0, alias: str | None = None,
-                    verbose: bool = False) -> ServeSettings:
+                    n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = -1,
+                    alias: str | None = None, verbose: bool = False) -> ServeSettings:
     """Check the model and options; build llama-cpp-python's server and model settings."""
     try:
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as ex:
         raise UsageError(f"`cl3 serve` needs llama-cpp-python's server extra: pip install "
                          f"'llama-cpp-python[server]' ({ex})") from None
-    from .export import read_gguf_info
+    from .llama import physical_cpu_count
+    from .metadata import read_metadata
 
     path = Path(model)
-    info = read_gguf_info(path)  # a missing or foreign file fails here with one clear line
+    info = read_metadata(path)  # a missing or foreign file fails here with one clear line
     if not 0 < port < 65536:
         raise UsageError(f"port must be between 1 and 65535, not {port}")
     if n_ctx is not None and n_ctx <= 0:
-        raise UsageError("--ctx must be positive")
+        raise UsageError("the context size must be positive")
     check_port_free(host, port)
     notes = []
     if not is_loopback(host) and not api_key:
@@ -61,9 +62,10 @@ def server_settings(model: str | os.PathLike, *, host: str = "127.0.0.1", port: 
         chat_format = None
         notes.append(f"{path.name} has no chat template; chat requests use llama-cpp-python's llama-2 format")
     ctx = n_ctx or min(info.context_length or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
-    threads = n_threads if n_threads > 0 else max(1, os.cpu_count() or 1)
+    threads = n_threads or physical_cpu_count()
     model_settings = ModelSettings(model=str(path), model_alias=alias or path.stem, n_ctx=ctx, n_threads=threads,
-                                   n_threads_batch=threads, chat_format=chat_format, verbose=verbose)
+                                   n_threads_batch=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
+                                   verbose=verbose)
     server = ServerSettings(host=host, port=port, api_key=api_key or None)
     return ServeSettings(server=server, model=model_settings, display_host=f"[{host}]" if ":" in host else host,
                          notes=notes)
@@ -73,6 +75,9 @@ def create_app(settings: ServeSettings):
     """The FastAPI app (loads the model)."""
     from llama_cpp.server.app import create_app as llama_create_app
 
+    from .llama import prepare_for_llama
+
+    prepare_for_llama()
     try:
         return llama_create_app(server_settings=settings.server, model_settings=[settings.model])
     except ValueError as ex:  # llama-cpp-python raises ValueError when llama.cpp cannot load the model

@@ -110,8 +110,8 @@ def identify_pre_tokenizer(tokenizer_json: dict) -> str:
         return PRE_TOKENIZER_BY_REGEX[regexes[0]]
     shown = regexes[0] if regexes else json.dumps(pre)[:200]
     raise UnsupportedModelError(
-        f"unknown BPE pre-tokenizer {shown!r}; if it behaves like a known one, pass --pre-tokenizer "
-        f"(one of: {', '.join(KNOWN_PRE_TOKENIZERS)})")
+        f"unknown BPE pre-tokenizer {shown!r}; if it behaves like a known one, name it "
+        f"(one of: {', '.join(KNOWN_PRE_TOKENIZERS)})", param="pre_tokenizer")
 
 
 def _bpe_vocab(path: Path, pre_tokenizer: str | None) -> Vocab:

@@ -16,12 +16,23 @@ from cl3.tiny import build_llama3_checkpoint, build_spm_checkpoint
 CHINESE_EXTRA_PIECES = ["▁中文", "模型", "量化", "大模型", "▁我们", "天气", "公园", "电脑", "运行", "比特"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_user_dirs(tmp_path_factory, monkeypatch):
-    """Keep tests away from the real user's data and cache directories."""
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_user_dirs(tmp_path_factory):
+    """Keep tests away from the real user's data and cache directories; decide the AMX question once, up front
+    (on a CPU whose AMX kernels crash, the one-time note would otherwise land in the first command's stderr)."""
     home = tmp_path_factory.getbasetemp() / "user-dirs"
-    monkeypatch.setenv("CL3_DATA_DIR", str(home / "data"))
-    monkeypatch.setenv("CL3_CACHE_DIR", str(home / "cache"))
+    saved = {k: os.environ.get(k) for k in ("CL3_DATA_DIR", "CL3_CACHE_DIR")}
+    os.environ["CL3_DATA_DIR"] = str(home / "data")
+    os.environ["CL3_CACHE_DIR"] = str(home / "cache")
+    from cl3.llama.hardware import amx_verdict
+
+    amx_verdict()
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -233,8 +233,10 @@ def test_context_too_small_for_the_system_prompt(tiny_llama3_gguf):
 # --- bad input ---
 
 def test_missing_and_corrupt_model_files(tmp_path, tiny_llama3_gguf):
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match="no such GGUF file"):
         ChatModel(tmp_path / "missing.gguf")
+    with pytest.raises(InputError, match="is a directory, not a GGUF file"):
+        ChatModel(tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(InputError, match="not a GGUF file"):
         ChatModel(tmp_path / "notes.txt")

@@ -264,4 +264,4 @@ def test_cli_convert_and_info(tiny_llama3_dir, tmp_path):
     assert data["tensor_types"] == {"F32": 5, "F16": 16}
     assert run_cl3("info", tmp_path / "m.gguf").returncode == 0
     bad = run_cl3("info", tiny_llama3_dir / "config.json")
-    assert bad.returncode != 0 and "not a readable GGUF" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "not a GGUF file" in bad.stderr and "Traceback" not in bad.stderr

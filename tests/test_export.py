@@ -321,7 +321,7 @@ def assert_template_matches_jinja(modelfile: Path, gguf_path: Path, go_render) -
 def test_ollama_template_renders_like_the_jinja_template(kind, system, tmp_path, go_render):
     path = model_gguf(tmp_path, kind)
     export = export_ollama(path, tmp_path, system=system)
-    assert export.modelfile == tmp_path / "Modelfile"
+    assert export.modelfile == tmp_path / f"{path.stem}.Modelfile"
     assert modelfile_values(export.modelfile, "SYSTEM") == ([system] if system else [])
     assert assert_template_matches_jinja(export.modelfile, path, go_render) == 8
 
@@ -409,7 +409,7 @@ def test_untranslatable_templates_are_refused(tmp_path):
         path = write_metadata_gguf(tmp_path / f"bad{i}.gguf", template=template, tokens=SPM_TOKENS, bos=1, eos=2)
         with pytest.raises(UnsupportedModelError, match="cannot translate|Ollama TEMPLATE"):
             export_ollama(path, tmp_path)
-        assert not (tmp_path / "Modelfile").exists()
+        assert not list(tmp_path.glob("*Modelfile"))
     bare = write_metadata_gguf(tmp_path / "base.gguf", template=None, tokens=SPM_TOKENS, bos=1, eos=2)
     with pytest.raises(UnsupportedModelError, match="no tokenizer.chat_template"):
         export_ollama(bare, tmp_path)
@@ -422,7 +422,7 @@ def test_chat_template_file_for_a_gguf_without_one(tmp_path, go_render):
     template_file.write_text(ALPACA2_CHAT_TEMPLATE, encoding="utf-8")
     proc = run_cl3("export", "ollama", bare, "--chat-template", template_file)
     assert proc.returncode == 0, proc.stderr
-    [template] = modelfile_values(tmp_path / "Modelfile", "TEMPLATE")
+    [template] = modelfile_values(tmp_path / "alpaca2-bare.Modelfile", "TEMPLATE")
     reference = export_ollama(model_gguf(tmp_path, "alpaca2"), tmp_path).modelfile
     assert modelfile_values(reference, "TEMPLATE") == [template]
 
@@ -437,8 +437,9 @@ def test_cli_export_ollama(tmp_path):
                            "alpaca2-test", "--create"], check=False, capture_output=True, text=True, timeout=120,
                           env=os.environ | {"PATH": str(Path(sys.executable).parent), "COLUMNS": "300"})
     assert proc.returncode == 0, proc.stderr
-    assert f"ollama create alpaca2-test -f {out / 'Modelfile'}" in proc.stdout
-    assert modelfile_values(out / "Modelfile", "FROM") == [str(path.resolve())]
+    modelfile = out / f"{path.stem}.Modelfile"
+    assert f"ollama create alpaca2-test -f {modelfile}" in proc.stdout
+    assert modelfile_values(modelfile, "FROM") == [str(path.resolve())]
     # an `ollama` on PATH is run with that command
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -446,14 +447,14 @@ def test_cli_export_ollama(tmp_path):
     fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "ollama-args"}\necho "success"\n')
     fake.chmod(0o755)
     proc = subprocess.run([sys.executable, "-m", "cl3", "export", "ollama", str(path), "-o", str(out), "--name",
-                           "alpaca2-test", "--create"], check=False, capture_output=True, text=True, timeout=120,
-                          env=os.environ | {"PATH": f"{bindir}:{env_path}", "COLUMNS": "300"})
+                           "alpaca2-test", "--create", "--force"], check=False, capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"PATH": f"{bindir}:{env_path}", "COLUMNS": "300"})
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "ollama-args").read_text().split() == ["create", "alpaca2-test", "-f", str(out / "Modelfile")]
+    assert (tmp_path / "ollama-args").read_text().split() == ["create", "alpaca2-test", "-f", str(modelfile)]
     assert "created Ollama model alpaca2-test" in proc.stdout
     fake.write_text("#!/bin/sh\necho 'Error: pull model manifest: file does not exist' >&2\nexit 1\n")
-    proc = subprocess.run([sys.executable, "-m", "cl3", "export", "ollama", str(path), "-o", str(out), "--create"],
-                          check=False, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-m", "cl3", "export", "ollama", str(path), "-o", str(out), "--create",
+                           "--force"], check=False, capture_output=True, text=True, timeout=120,
                           env=os.environ | {"PATH": f"{bindir}:{env_path}", "COLUMNS": "300"})
     assert proc.returncode != 0 and "failed with exit code 1" in proc.stderr
 
@@ -463,7 +464,7 @@ def test_cli_export_errors_are_one_line(tmp_path):
     proc = run_cl3("export", "ollama", bad)
     assert proc.returncode != 0
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
-    assert not (tmp_path / "Modelfile").exists()
+    assert not list(tmp_path.glob("*Modelfile"))
     proc = run_cl3("export", "ollama", tmp_path / "missing.gguf")
     assert proc.returncode != 0 and proc.stderr.startswith("error:")
 
@@ -475,7 +476,7 @@ def test_real_tiny_models_export(tiny_llama3_gguf, tiny_spm_gguf, tiny_llama3_di
         out.mkdir()
         export = export_ollama(gguf_path, out, generation_config=tiny_llama3_dir)
         assert assert_template_matches_jinja(export.modelfile, gguf_path, go_render) == 8
-    pairs = [(c.split()[1], v) for c, v in parse_modelfile((tmp_path / tiny_llama3_gguf.stem / "Modelfile").read_text())
+    pairs = [(c.split()[1], v) for c, v in parse_modelfile((tmp_path / tiny_llama3_gguf.stem / f"{tiny_llama3_gguf.stem}.Modelfile").read_text())
              if c.startswith("PARAMETER")]
     assert ("temperature", "0.6") in pairs and ("top_p", "0.9") in pairs and ("stop", "<|eot_id|>") in pairs
 

@@ -282,7 +282,7 @@ def test_experts_are_collected_separately(tiny_moe_gguf, calib_file, tmp_path):
 
     # llama.cpp quantizes the MoE with the per-expert imatrix and the result evaluates
     quantized = tmp_path / "moe-q4_k_m.gguf"
-    result = run_cl3("quantize", tiny_moe_gguf, "-t", "Q4_K_M", "--imatrix", out, "-o", quantized, "-q")
+    result = run_cl3("quantize", tiny_moe_gguf, "--type", "Q4_K_M", "--imatrix", out, "-o", quantized, "-q")
     assert result.returncode == 0, result.stderr
     model = Llama(str(quantized), n_ctx=64, logits_all=True, verbose=False)
     model.eval([1, 2, 3, 4, 5])
@@ -306,7 +306,7 @@ def test_moe_parity_with_llama_imatrix(reference_bin, tiny_moe_gguf, calib_file,
     # and llama-quantize makes the same per-expert quantization from cl3's file as cl3 does
     for file_type in ("Q4_K_M", "Q2_K"):
         mine, native = tmp_path / f"cl3-{file_type}.gguf", tmp_path / f"llama-{file_type}.gguf"
-        assert run_cl3("quantize", tiny_moe_gguf, "-t", file_type, "--imatrix", ours, "-o", mine,
+        assert run_cl3("quantize", tiny_moe_gguf, "--type", file_type, "--imatrix", ours, "-o", mine,
                        "-q").returncode == 0
         subprocess.run([reference_bin / "llama-quantize", "--imatrix", ours, tiny_moe_gguf, native, file_type],
                        check=True, capture_output=True)
@@ -334,9 +334,10 @@ def test_device_copy_path_reads_the_same_activations(tiny_llama3_gguf):
         compared.append(llama.tensor_name(src1))
         return True
 
-    with llama.EvalModel(tiny_llama3_gguf, n_ctx=64, n_batch=64, on_eval=on_eval) as model:
+    with llama.Model(tiny_llama3_gguf) as model, llama.Context(model, n_ctx=64, n_batch=64, on_eval=on_eval) as ctx:
         tokens = model.tokenize("模型在本地运行。 The model runs locally.")
-        model.decode([(tokens, 0)])
+        n = len(tokens)
+        ctx.decode(tokens, np.arange(n, dtype=np.int32), np.zeros(n, np.int32), np.ones(n, np.int8))
     assert len(compared) >= 7  # q, k, v, o, gate, up, down of at least one layer
 
 

@@ -111,12 +111,13 @@ def test_kld_matches_direct_float64_computation(tiny_llama3_gguf, tiny_q4_0, tmp
     assert result.kld is not None
     # the same quantity from both models' full logits, in float64, without the uint16 storage
     kl, same = [], []
-    with llama.MeasureContext(tiny_llama3_gguf, n_ctx=n_ctx, n_batch=n_ctx) as base, \
-            llama.MeasureContext(tiny_q4_0, n_ctx=n_ctx, n_batch=n_ctx) as quant:
-        tokens = base.tokenize(TEXT)
+    with llama.Model(tiny_llama3_gguf) as base_model, llama.Model(tiny_q4_0) as quant_model, \
+            llama.Context(base_model, n_ctx=n_ctx, n_batch=n_ctx) as base, \
+            llama.Context(quant_model, n_ctx=n_ctx, n_batch=n_ctx) as quant:
+        tokens = base_model.tokenize(TEXT)
         for c in range(chunks):
             chunk = tokens[c * n_ctx:(c + 1) * n_ctx].copy()
-            chunk[0] = base.bos
+            chunk[0] = base_model.bos
             rows = []
             for ctx in (base, quant):
                 ctx.clear()
@@ -164,14 +165,14 @@ def test_cli_ppl_json(tiny_llama3_gguf, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["ppl", "missing.gguf"], "not found"),
-    (["ppl", "{text}"], "cannot load"),
+    (["ppl", "missing.gguf"], "no such GGUF file"),
+    (["ppl", "{text}"], "not a GGUF file"),
     (["ppl", "{model}", "-f", "{text}", "-c", "4096"], "needs at least"),
     (["ppl", "{model}", "-f", "{text}", "--kld-base", "{text}"], "base-logits"),
     (["ppl", "{model}", "-f", "missing.txt"], "not found"),
     (["speed", "{model}", "-r", "0"], "repetitions"),
-    (["speed", "missing.gguf"], "not found"),
-    (["speed", "{text}"], "cannot load"),
+    (["speed", "missing.gguf"], "no such GGUF file"),
+    (["speed", "{text}"], "not a GGUF file"),
 ])
 def test_cli_bad_input_is_one_line(args, message, tiny_llama3_gguf, tmp_path):
     text = tmp_path / "t.txt"

@@ -254,7 +254,7 @@ def _bad_adapters(tiny_llama3, root: Path) -> dict[str, tuple[Path, str]]:
     pickle = root / "pickle"
     make_adapter(pickle, tiny_llama3, targets=("q_proj",))
     (pickle / "adapter_model.safetensors").rename(pickle / "adapter_model.bin")
-    cases["pickle"] = (pickle, "--allow-pickle")
+    cases["pickle"] = (pickle, "allow pickles")
 
     no_config = root / "no-config"
     make_adapter(no_config, tiny_llama3, targets=("q_proj",))
@@ -271,10 +271,11 @@ def test_bad_adapters_give_one_line_errors_and_leave_nothing(tiny_llama3, tmp_pa
         with pytest.raises(Cl3Error) as info:
             merge(tiny_llama3.path, adapter, outputs / case)
         assert message in str(info.value) and "\n" not in str(info.value), (case, str(info.value))
-    for case in ("ia3", "other-size"):  # and through the real command line
+    for case in ("ia3", "other-size", "pickle"):  # and through the real command line, which names the flag
         r = run_cl3("merge", tiny_llama3.path, cases[case][0], "-o", outputs / case)
         assert r.returncode != 0, case
         assert r.stderr.startswith("error:") and cases[case][1] in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert case != "pickle" or "(see --allow-pickle)" in r.stderr, r.stderr
     assert list(outputs.iterdir()) == []  # no output, no .partial leftovers
 
 

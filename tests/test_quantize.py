@@ -51,24 +51,25 @@ def tensor_types(path) -> dict[str, Q]:
 
 
 def test_several_types_with_imatrix(tiny_llama3_gguf, imatrix_file, tmp_path):
-    result = run_cl3("quantize", tiny_llama3_gguf, "--type", "q8_0,Q4_K", "-t", "q3_k", "--imatrix", imatrix_file,
+    result = run_cl3("quantize", tiny_llama3_gguf, "--type", "q8_0,Q4_K", "--type", "q3_k", "--imatrix", imatrix_file,
                      "-o", tmp_path, "-q")
     assert result.returncode == 0, result.stderr
     source = fields(tiny_llama3_gguf)
     outputs = sorted(tmp_path.glob("*.gguf"))
-    # llama.cpp's naming convention, from the source's general.* metadata; Q4_K and Q3_K are aliases of *_M
+    # llama.cpp's naming convention, from the source's general.* metadata, and -im for the imatrix (as the
+    # authors' releases name them); Q4_K and Q3_K are aliases of *_M
     expected = {gguf.naming_convention(source.get("general.name"), source.get("general.basename"),
                                        source.get("general.finetune"), source.get("general.version"),
-                                       source["general.size_label"], t) + ".gguf"
+                                       source["general.size_label"], t) + "-im.gguf"
                 for t in ("Q8_0", "Q4_K_M", "Q3_K_M")}
     assert {p.name for p in outputs} == expected
 
     imatrix = gguf.GGUFReader(imatrix_file)
     tokens = Llama(str(tiny_llama3_gguf), vocab_only=True, verbose=False).tokenize(PROMPT.encode())
     reference = logits(tiny_llama3_gguf, tokens)
-    expected_ftype = {"-Q8_0.gguf": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
-                      "-Q4_K_M.gguf": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-                      "-Q3_K_M.gguf": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M}
+    expected_ftype = {"-Q8_0-im.gguf": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+                      "-Q4_K_M-im.gguf": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+                      "-Q3_K_M-im.gguf": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M}
     for path in outputs:
         suffix = next(s for s in expected_ftype if path.name.endswith(s))
         meta = fields(path)
@@ -83,14 +84,14 @@ def test_several_types_with_imatrix(tiny_llama3_gguf, imatrix_file, tmp_path):
         assert np.all(np.isfinite(got))
         corr = np.corrcoef(got.ravel(), reference.ravel())[0, 1]
         assert corr > (0.999 if suffix == "-Q8_0.gguf" else 0.9), (path.name, corr)
-    q8 = next(p for p in outputs if p.name.endswith("-Q8_0.gguf"))
+    q8 = next(p for p in outputs if p.name.endswith("-Q8_0-im.gguf"))
     assert {t for n, t in tensor_types(q8).items() if n.startswith("blk.") and n.endswith("_q.weight")} == {Q.Q8_0}
 
 
 def test_imatrix_changes_the_quantized_weights(tiny_llama3_gguf, imatrix_file, tmp_path):
     plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
-    assert run_cl3("quantize", tiny_llama3_gguf, "-t", "Q4_0", "-o", plain, "-q").returncode == 0
-    assert run_cl3("quantize", tiny_llama3_gguf, "-t", "Q4_0", "-o", weighted, "--imatrix", imatrix_file,
+    assert run_cl3("quantize", tiny_llama3_gguf, "--type", "Q4_0", "-o", plain, "-q").returncode == 0
+    assert run_cl3("quantize", tiny_llama3_gguf, "--type", "Q4_0", "-o", weighted, "--imatrix", imatrix_file,
                    "-q").returncode == 0
     a = {t.name: bytes(t.data) for t in gguf.GGUFReader(plain).tensors}
     b = {t.name: bytes(t.data) for t in gguf.GGUFReader(weighted).tensors}
@@ -102,7 +103,7 @@ def test_imatrix_changes_the_quantized_weights(tiny_llama3_gguf, imatrix_file, t
 
 def test_tensor_type_options(tiny_llama3_gguf, tmp_path):
     out = tmp_path / "custom.gguf"
-    result = run_cl3("quantize", tiny_llama3_gguf, "-t", "Q4_K_M", "-o", out, "--pure",
+    result = run_cl3("quantize", tiny_llama3_gguf, "--type", "Q4_K_M", "-o", out, "--pure",
                      "--output-tensor-type", "q8_0", "--token-embedding-type", "Q6_K", "-q")
     assert result.returncode == 0, result.stderr
     types = tensor_types(out)
@@ -113,14 +114,14 @@ def test_tensor_type_options(tiny_llama3_gguf, tmp_path):
         == {Q.Q4_K}  # --pure: no Q6_K mixture for attn_v/ffn_down
 
     kept = tmp_path / "kept.gguf"
-    assert run_cl3("quantize", tiny_llama3_gguf, "-t", "Q4_0", "-o", kept, "--leave-output-tensor",
+    assert run_cl3("quantize", tiny_llama3_gguf, "--type", "Q4_0", "-o", kept, "--leave-output-tensor",
                    "-q").returncode == 0
     if "output.weight" in tensor_types(kept):
         assert tensor_types(kept)["output.weight"] == tensor_types(tiny_llama3_gguf)["output.weight"]
 
 
 def test_hf_directory_is_converted_on_the_fly(tiny_llama3_dir, tmp_path):
-    result = run_cl3("quantize", tiny_llama3_dir, "-t", "Q8_0", "-o", tmp_path, "-q")
+    result = run_cl3("quantize", tiny_llama3_dir, "--type", "Q8_0", "-o", tmp_path, "-q")
     assert result.returncode == 0, result.stderr
     outputs = list(tmp_path.iterdir())
     assert len(outputs) == 1 and outputs[0].name.endswith("-Q8_0.gguf")  # the temporary F16 is gone
@@ -131,24 +132,24 @@ def test_hf_directory_is_converted_on_the_fly(tiny_llama3_dir, tmp_path):
 def test_bare_imatrix_computes_once_and_caches_beside_the_source(tiny_llama3_gguf_f16, tmp_path):
     src = tmp_path / "model-f16.gguf"
     shutil.copy(tiny_llama3_gguf_f16, src)
-    first = run_cl3("quantize", src, "-t", "Q2_K", "--imatrix", "--imatrix-chunks", "2", "-q")
+    first = run_cl3("quantize", src, "--type", "Q2_K", "--imatrix", "--imatrix-chunks", "2", "-q")
     assert first.returncode == 0, first.stderr
     cached = [p for p in tmp_path.iterdir() if p.name.endswith(".imatrix.gguf")]
     assert len(cached) == 1 and cached[0].name.startswith("model-f16.")
     m = read_imatrix(cached[0])
     assert m.chunk_count == 2 and m.chunk_size == 512 and m.datasets[0].startswith("cl3:calibration@")
-    output = next(p for p in tmp_path.iterdir() if p.name.endswith("-Q2_K.gguf"))
+    output = next(p for p in tmp_path.iterdir() if p.name.endswith("-Q2_K-im.gguf"))
     assert fields(output)["quantize.imatrix.dataset"] == m.datasets[0]
 
     mtime = cached[0].stat().st_mtime_ns
-    second = run_cl3("quantize", src, "-t", "Q2_K_S", "--imatrix", "--imatrix-chunks", "2", "-q")
+    second = run_cl3("quantize", src, "--type", "Q2_K_S", "--imatrix", "--imatrix-chunks", "2", "-q")
     assert second.returncode == 0, second.stderr
     assert "reused" in second.stderr and cached[0].stat().st_mtime_ns == mtime
 
 
 def test_types_needing_an_imatrix_are_refused_before_any_work(tmp_path):
     # the source does not even exist: the type check comes first
-    result = run_cl3("quantize", tmp_path / "absent.gguf", "-t", "Q8_0,iq2_xxs")
+    result = run_cl3("quantize", tmp_path / "absent.gguf", "--type", "Q8_0,iq2_xxs")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "IQ2_XXS" in result.stderr and "--imatrix" in result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -198,13 +199,13 @@ def test_bad_inputs_give_one_line_errors_and_leave_nothing(case, tiny_llama3_ggu
         args = ["--imatrix", "--imatrix-chunks", "0"]
     elif case == "already-quantized":
         src = inputs / "q8.gguf"
-        assert run_cl3("quantize", tiny_llama3_gguf, "-t", "Q8_0", "-o", src, "-q").returncode == 0
+        assert run_cl3("quantize", tiny_llama3_gguf, "--type", "Q8_0", "-o", src, "-q").returncode == 0
     types = {"unknown-type": "Q4_K_X", "several-types-one-file": "Q8_0,Q4_0"}.get(case, "Q4_K_M")
     output = {"no-output-dir": tmp_path / "missing" / "x.gguf", "hf-source-no-output-dir": tmp_path / "missing" / "x.gguf",
               "several-types-one-file": out_dir / "x.gguf"}.get(case, out_dir)
     before = sorted(p.name for p in inputs.iterdir())
 
-    result = run_cl3("quantize", src, "-t", types, "-o", output, *args, "-q")
+    result = run_cl3("quantize", src, "--type", types, "-o", output, *args, "-q")
     one_line_error(result)
     assert list(out_dir.iterdir()) == []
     assert sorted(p.name for p in inputs.iterdir()) == before
@@ -217,7 +218,7 @@ PARITY_TYPES = ["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 def test_parity_with_llama_quantize(reference_bin, file_type, tiny_llama3_gguf, imatrix_file, tmp_path):
     """Same source and imatrix file: every tensor of cl3's output is byte-identical to llama-quantize's."""
     ours, theirs = tmp_path / "cl3.gguf", tmp_path / "llama.gguf"
-    result = run_cl3("quantize", tiny_llama3_gguf, "-t", file_type, "--imatrix", imatrix_file, "-o", ours, "-q")
+    result = run_cl3("quantize", tiny_llama3_gguf, "--type", file_type, "--imatrix", imatrix_file, "-o", ours, "-q")
     assert result.returncode == 0, result.stderr
     subprocess.run([reference_bin / "llama-quantize", "--imatrix", imatrix_file, tiny_llama3_gguf, theirs,
                     file_type], check=True, capture_output=True)
@@ -238,8 +239,7 @@ def test_list_types_and_imatrix_name_tag(tiny_llama3_gguf, imatrix_file, tmp_pat
     assert {"Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ1_S", "IQ4_XS", "TQ2_0", "BF16"} <= set(rows)
     assert "Q4_K" in rows["Q4_K_M"] and "needs an imatrix" in rows["IQ2_XXS"]
 
-    result = run_cl3("quantize", tiny_llama3_gguf, "-t", "Q8_0", "--imatrix", imatrix_file, "--name-imatrix",
-                     "-o", tmp_path, "-q")
+    result = run_cl3("quantize", tiny_llama3_gguf, "Q8_0", "--imatrix", imatrix_file, "-o", tmp_path, "-q")
     assert result.returncode == 0, result.stderr
     [output] = tmp_path.iterdir()
     assert output.name.endswith("-Q8_0-im.gguf")

@@ -1,13 +1,16 @@
 """The `cl3` command line: argument parsing and printing only; the work happens in the library modules.
 
-Every cl3.errors.Cl3Error becomes one line on stderr and a non-zero exit code; set CL3_DEBUG=1 to see tracebacks.
+Every cl3.errors.Cl3Error, and every usage error, becomes one `error:` line on stderr and a non-zero exit code; set
+CL3_DEBUG=1 to see tracebacks. Notes the library logs (logger "cl3", e.g. the AMX fallback) print as `note:` lines.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
+import typer
 from rich.markup import escape
 
 from ..errors import Cl3Error
@@ -18,25 +21,56 @@ from . import convert_cmd, info_cmd  # noqa: F401
 from . import imatrix_cmd, quantize_cmd  # noqa: F401
 from . import measure_cmd, bench_cmd, demo_cmd  # noqa: F401
 from . import chat_cmd, serve_cmd, export_cmd  # noqa: F401
+from . import doctor_cmd  # noqa: F401
 
 from .app import app, err
+from .options import hint, modern_argv
+
+# click's exceptions, wherever this typer release keeps click (vendored as typer._click in recent ones)
+_click = sys.modules[typer.BadParameter.__module__]
+
+
+class _NoteHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("CL3_DEBUG") == "1"
+    logger = logging.getLogger("cl3")
+    if not logger.handlers:
+        logger.addHandler(_NoteHandler())
+        logger.propagate = False
+    args = modern_argv(sys.argv[1:] if argv is None else list(argv))
     try:
-        app(args=argv, prog_name="cl3")
+        code = app(args=args, prog_name="cl3", standalone_mode=False)
     except Cl3Error as ex:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {escape(str(ex))}", highlight=False, soft_wrap=True)
+        extra = hint(ex.param)
+        _error(f"{ex} ({extra})" if extra else str(ex))
         sys.exit(ex.exit_code)
-    except KeyboardInterrupt:
+    except _click.UsageError as ex:
+        if type(ex).__name__ == "NoArgsIsHelpError":  # `cl3` or `cl3 export` alone: the help
+            ex.show()
+            sys.exit(2)
+        command = ex.ctx.command_path if ex.ctx is not None else "cl3"
+        _error(f"{ex.format_message()} (see `{command} --help`)")
+        sys.exit(2)
+    except (KeyboardInterrupt, _click.Abort):
         err.print("interrupted")
         sys.exit(130)
+    except _click.ClickException as ex:
+        _error(ex.format_message())
+        sys.exit(ex.exit_code)
     except Exception as ex:  # a bug in cl3: still one line, the traceback on request
         if debug:
             raise
-        err.print(f"[bold red]internal error:[/] {type(ex).__name__}: {escape(str(ex))} (set CL3_DEBUG=1 for the traceback)",
-                  highlight=False, soft_wrap=True)
+        _error(f"internal error: {type(ex).__name__}: {ex} (set CL3_DEBUG=1 for the traceback)", label="")
         sys.exit(70)
+    sys.exit(code or 0)
+
+
+def _error(message: str, label: str = "error: ") -> None:
+    text = f"[bold red]{label}[/]{escape(message)}" if label else f"[bold red]{escape(message)}[/]"
+    err.print(text, highlight=False, soft_wrap=True)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperCommand, TyperOption
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -23,7 +24,72 @@ from rich.progress import (
 
 from .. import __version__
 
-app = typer.Typer(
+class Cl3Command(TyperCommand):
+    """A command whose help shows metavars (N, FILE, TYPE), never Python type names (<int>, <list[str]>)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain_help(param)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_help(option)
+        return option
+
+
+_METAVARS = {"int": "N", "float": "X", "str": "TEXT", "Path": "PATH"}
+
+
+def _plain_help(param) -> None:
+    if isinstance(param, TyperArgument) or getattr(param, "is_flag", False):
+        param.display_type_rich = lambda ctx=None: None
+    elif isinstance(param, TyperOption) and param.metavar is None:
+        param.metavar = _METAVARS.get(param.bare_type().removeprefix("list[").removesuffix("]"), "VALUE")
+    elif not isinstance(param, TyperOption):  # click's own help option
+        param.display_type_rich = lambda ctx=None: None
+
+
+BUILTIN_IMATRIX = ":builtin:"  # what a bare `--imatrix` (no file) becomes
+
+
+class BareImatrixCommand(Cl3Command):
+    """Let `--imatrix` be given without a value (then cl3 computes one on its built-in calibration text)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        fixed: list[str] = []
+        for i, arg in enumerate(args):
+            fixed.append(arg)
+            if arg == "--imatrix" and (i + 1 == len(args) or args[i + 1].startswith("-")
+                                       or _is_type_name(args[i + 1])):
+                fixed.append(BUILTIN_IMATRIX)
+        return super().parse_args(ctx, fixed)
+
+
+def _is_type_name(arg: str) -> bool:
+    """`cl3 quantize M --imatrix Q4_K_M`: a type name that is not a file follows a bare --imatrix."""
+    if os.path.exists(arg):
+        return False
+    from ..quantize import file_type_names
+
+    names = {n.upper() for n in file_type_names()}
+    return all(part.strip().upper() in names for part in arg.split(",") if part.strip())
+
+
+def imatrix_choice(value: str | None) -> str | bool | None:
+    """``--imatrix`` as the library takes it: a file, True (compute on the built-in text) or None."""
+    return True if value == BUILTIN_IMATRIX else value
+
+
+class Cl3Typer(typer.Typer):
+    """Every command of the app is a :class:`Cl3Command` unless it names its own class."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or Cl3Command, **kwargs)
+
+
+app = Cl3Typer(
     name="cl3",
     help="Convert, quantize, measure and chat with Llama-family models (Chinese Llama-3 first) on llama.cpp.",
     no_args_is_help=True,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from .app import app, err, out, progress_bar
-from .quantize_cmd import BUILTIN, _BareImatrixFlag
+from .app import BareImatrixCommand, app, err, imatrix_choice, out, progress_bar
+from .options import Chunks, CtxSize, GpuLayers, NGen, NPrompt, Quiet, Repetitions, TextFile, Threads, Types
 
 
 def _size(n_bytes: int) -> str:
@@ -23,47 +24,56 @@ def _split_types(types: list[str] | None) -> list[str] | None:
     return [t for item in types for t in item.split(",") if t.strip()]
 
 
-@app.command(cls=_BareImatrixFlag)
+@app.command(cls=BareImatrixCommand)
 def bench(
-    src: str = typer.Argument(..., help="F16/BF16/F32 GGUF, Hugging Face checkpoint directory or hub repo id."),
-    types: list[str] = typer.Option(None, "--types", help="Quantization types, comma-separated (default: the "
-                                    "authors' nine: F16,Q8_0,Q6_K,Q5_K,Q5_0,Q4_K,Q4_0,Q3_K,Q2_K)."),
-    imatrix: str = typer.Option(None, "--imatrix", metavar="[FILE]", help="Quantize with this importance matrix; "
-                                "alone: compute one on cl3's built-in calibration text (cached)."),
-    ctx: int = typer.Option(8192, "-c", "--ctx", help="Perplexity context size (the authors used 8192)."),
-    chunks: int = typer.Option(None, "--chunks", help="Score at most this many chunks."),
-    text: Path = typer.Option(None, "--text", "-f", help="Evaluation text (default: the built-in one)."),
-    kld: bool = typer.Option(False, "--kld", help="Also measure the KL divergence of each type against F16."),
-    n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens of the speed test."),
-    n_gen: int = typer.Option(128, "-n", "--n-gen", help="Generated tokens of the speed test."),
-    repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed runs per speed test."),
-    threads: int = typer.Option(None, "-t", "--threads", help="Threads (default: physical cores)."),
-    output: Path = typer.Option(None, "-o", "--out", help="Table path without extension: writes NAME.md/.csv/.json"
-                                "/.png (default: quant_tables/<source name>)."),
-    compare: Path = typer.Option(None, "--compare", help="A published table CSV to print side by side."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    src: Annotated[str, typer.Argument(metavar="SRC", help="F16/BF16/F32 GGUF, Hugging Face checkpoint directory "
+                                                           "or hub repo id.")],
+    types: Types = None,
+    imatrix: Annotated[Optional[str], typer.Option(
+        "--imatrix", metavar="[FILE]", help="Quantize with this importance matrix; alone: compute one on cl3's "
+                                            "built-in calibration text (cached).")] = None,
+    ctx_size: CtxSize = 8192,
+    chunks: Chunks = None,
+    text: TextFile = None,
+    kld: Annotated[bool, typer.Option("--kld", help="Also measure the KL divergence of each type against "
+                                                    "F16.")] = False,
+    n_prompt: NPrompt = 512,
+    n_gen: NGen = 128,
+    repetitions: Repetitions = 5,
+    threads: Threads = None,
+    n_gpu_layers: GpuLayers = -1,
+    output: Annotated[Optional[str], typer.Option(
+        "-o", "--output", metavar="PATH", help="Table path without extension: writes NAME.md/.csv/.json/.png "
+                                               "(default: quant_tables/<source name>; a folder: named after the "
+                                               "source inside it).")] = None,
+    compare: Annotated[Optional[Path], typer.Option(
+        "--compare", metavar="CSV", help="A published table CSV to print side by side.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Quantize to each type and measure Size, BPW, PPL and pp/tg speed: the authors' table, on this machine."""
     from .. import bench as bench_mod
     from ..errors import InputError
+    from ..files import is_directory_target, output_directory
     from ..hub import resolve_source
 
     published = bench_mod.read_table_csv(compare) if compare else None  # bad --compare fails before any work
     src = resolve_source(src)
     if not src.exists():  # before creating the default output folder: bad input leaves nothing behind
         raise InputError(f"no such file or directory: {src}")
+    name = src.name.removesuffix(".gguf")
     if output is None:
-        name = src.name.removesuffix(".gguf")
         output = Path("quant_tables") / name
         output.parent.mkdir(exist_ok=True)
-    imatrix_arg: str | bool | None = True if imatrix == BUILTIN else imatrix
+    elif is_directory_target(output):
+        output = output_directory(output) / name
+    output = Path(output)
 
     def stage(description: str, unit: str):
         return progress_bar(description, unit=unit, quiet=quiet)
 
-    table = bench_mod.bench(src, types=_split_types(types), out=output, imatrix=imatrix_arg, ctx=ctx,
-                            chunks=chunks, text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen,
-                            repetitions=repetitions, threads=threads, stage=stage)
+    table = bench_mod.bench(src, types=_split_types(types), out=output, imatrix=imatrix_choice(imatrix),
+                            ctx=ctx_size, chunks=chunks, text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen,
+                            repetitions=repetitions, threads=threads, n_gpu_layers=n_gpu_layers, stage=stage)
     out.print(bench_mod.render_rich(table))
     written = [output.with_suffix(s) for s in (".md", ".csv", ".json", ".png")]
     out.print("wrote " + ", ".join(str(p) for p in written if p.exists()))
@@ -84,19 +94,22 @@ def print_comparison(rows: list[dict], source: Path) -> None:
 
 @app.command()
 def plan(
-    src: str = typer.Argument(..., help="Checkpoint directory or config.json (tokenizer files beside it are used), "
-                              "or a Hugging Face repo id (only its small files are fetched)."),
-    types: list[str] = typer.Option(None, "--types", help="Types, comma-separated (default: every type)."),
-    ctx: int = typer.Option(8192, "-c", "--ctx", help="Context for the memory estimate (0: skip it)."),
-    vocab: Path = typer.Option(None, "--vocab", help="Take the tokenizer metadata from this GGUF (e.g. llama.cpp's "
-                               "models/ggml-vocab-llama-bpe.gguf) instead of tokenizer files."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {type, size_gib, bpw, ...}."),
+    src: Annotated[str, typer.Argument(
+        metavar="SRC", help="Checkpoint directory or config.json (tokenizer files beside it are used), or a Hugging "
+                            "Face repo id (only its small files are fetched).")],
+    types: Types = None,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", metavar="N",
+                                          help="Context for the memory estimate (0: skip it).")] = 8192,
+    vocab: Annotated[Optional[Path], typer.Option(
+        "--vocab", metavar="GGUF", help="Take the tokenizer metadata from this GGUF (e.g. llama.cpp's "
+                                        "models/ggml-vocab-llama-bpe.gguf) instead of tokenizer files.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {type, size_gib, bpw, ...}.")] = False,
 ) -> None:
     """Size (GiB), BPW and memory to run, for each quantization type, from config.json alone (llama.cpp plans it)."""
     from .. import plan as plan_mod
 
     with err.status("planning with llama.cpp…") if not as_json else contextlib.nullcontext():
-        plans = plan_mod.plan(src, _split_types(types), ctx=ctx or None, vocab_gguf=vocab)
+        plans = plan_mod.plan(src, _split_types(types), ctx=ctx_size or None, vocab_gguf=vocab)
     if as_json:
         out.print_json(json.dumps([p.to_dict() for p in plans]))
         return
@@ -105,11 +118,11 @@ def plan(
     t.add_column("file type")
     t.add_column("size", justify="right")
     t.add_column("BPW", justify="right")
-    if ctx:
-        t.add_column(f"memory at ctx {ctx}", justify="right")
+    if ctx_size:
+        t.add_column(f"memory at ctx {ctx_size}", justify="right")
     for p in plans:
         row = [p.type, p.file_type, _size(p.size_bytes), f"{p.bpw:.2f}"]
-        if ctx:
+        if ctx_size:
             row.append(_size(p.memory_bytes))
         t.add_row(*row)
     out.print(t)

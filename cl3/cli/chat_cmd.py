@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from ..chat import DEFAULT_SYSTEM_PROMPT, ChatModel, ConversationStore, Message, SamplingParams, check_gguf_file
+from ..chat import DEFAULT_SYSTEM_PROMPT, ChatModel, ConversationStore, Message, SamplingParams
+from ..llama import check_gguf_path
 from .app import app, err
+from .options import GpuLayers, Threads
 
 
 @app.command()
@@ -16,9 +19,10 @@ def chat(
     model: Path = typer.Argument(..., help="The GGUF model file.", show_default=False),
     prompt: str = typer.Option(None, "--prompt", "-p", help="No TUI: stream one reply to this prompt to stdout ('-': read stdin)."),
     system: str = typer.Option(DEFAULT_SYSTEM_PROMPT, "--system", "-s", help="System prompt."),
-    n_ctx: int = typer.Option(4096, "--ctx-size", "-c", help="Context size in tokens (0: the model's training context)."),
-    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Layers to offload to the GPU (GPU builds only)."),
-    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: llama.cpp's choice)."),
+    n_ctx: Annotated[int, typer.Option("-c", "--ctx-size", metavar="N",
+                                       help="Context size in tokens (0: the model's training context).")] = 4096,
+    n_gpu_layers: GpuLayers = -1,
+    threads: Threads = None,
     temperature: float = typer.Option(0.8, "--temp", help="Sampling temperature (0: greedy)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold."),
     top_k: int = typer.Option(40, "--top-k", help="Sample from the k most likely tokens (0: all)."),
@@ -31,7 +35,7 @@ def chat(
     """Chat with a GGUF model in a terminal UI, using the model's own chat template."""
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed).validate()
-    check_gguf_file(model)
+    check_gguf_path(model)
     if prompt is not None:
         _one_reply(model, sys.stdin.read() if prompt == "-" else prompt, system, sampling, n_ctx, n_gpu_layers, threads)
         return

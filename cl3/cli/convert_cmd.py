@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from .app import app, out, progress_bar
+from .options import Force, Quiet
 
 
 @app.command()
 def convert(
     src: str = typer.Argument(..., help="Hugging Face model directory or hub repo id (config.json, safetensors, "
                                         "tokenizer files)."),
-    output: Path = typer.Option(Path("."), "-o", "--output", help="Output .gguf file, or a directory for the default name."),
+    output: Annotated[str, typer.Option(
+        "-o", "--output", metavar="PATH", help="Output .gguf file, or a folder (an existing one, or a name ending in "
+                                               "/) for the default name {name}-{size}-{TYPE}.gguf.")] = ".",
     outtype: str = typer.Option("auto", "--outtype", help="f32, f16, bf16, q8_0 or auto (f16 for f16 weights, else bf16)."),
     lora: str = typer.Option(None, "--lora", help="Instead: write this PEFT LoRA adapter (dir or repo id) as a "
                                                  "llama.cpp LoRA GGUF for the base SRC (`cl3 chat --lora`)."),
     pre_tokenizer: str = typer.Option(None, "--pre-tokenizer", help="Override the detected BPE pre-tokenizer name."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pytorch_model*.bin (pickle) checkpoints."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+    force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Convert a Hugging Face checkpoint to GGUF (streaming; no PyTorch)."""
     from ..convert import convert as run_convert
@@ -29,11 +33,11 @@ def convert(
         from ..merge import export_lora_gguf
 
         r = export_lora_gguf(resolve_source(lora), resolve_source(src, config_only=True), output,
-                             outtype=outtype, allow_pickle=allow_pickle)
+                             outtype=outtype, allow_pickle=allow_pickle, force=force)
         out.print(f"wrote {r.path} (LoRA adapter, {r.n_pairs} pairs, alpha {r.alpha:g})")
         return
     with progress_bar("converting", quiet=quiet) as update:
         result = run_convert(resolve_source(src), output, outtype, allow_pickle=allow_pickle,
-                             pre_tokenizer=pre_tokenizer, progress=update)
+                             pre_tokenizer=pre_tokenizer, force=force, progress=update)
     out.print(f"wrote {result.path} ({result.outtype}, {result.n_tensors} tensors, "
               f"{result.n_params / 1e6:.1f}M parameters, {result.n_bytes / 1024**3:.2f} GiB)")

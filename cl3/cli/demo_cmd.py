@@ -8,14 +8,16 @@ import typer
 from rich.table import Table
 
 from .app import app, err, out, progress_bar
+from .options import GpuLayers, Quiet, Threads
 
 
 @app.command()
 def demo(
     output: Path = typer.Option(Path("cl3-demo"), "-o", "--output", help="Directory for the model, quantized files "
                                 "and tables (re-running reuses them)."),
-    threads: int = typer.Option(None, "-t", "--threads", help="Threads (default: physical cores)."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    threads: Threads = None,
+    n_gpu_layers: GpuLayers = -1,
+    quiet: Quiet = False,
 ) -> None:
     """Run the whole pipeline offline on a tiny built-in Llama-3-format model and show the quantization table."""
     from .. import bench as bench_mod
@@ -24,7 +26,8 @@ def demo(
     def stage(description: str, unit: str):
         return progress_bar(description, unit=unit, quiet=quiet)
 
-    result = run_demo(output, stage=stage, threads=threads, on_step=lambda m: err.print(f"[bold]cl3 demo:[/] {m}"))
+    result = run_demo(output, stage=stage, threads=threads, n_gpu_layers=n_gpu_layers,
+                      on_step=lambda m: err.print(f"[bold]cl3 demo:[/] {m}"))
     out.print(bench_mod.render_rich(result.plain))
     verdicts = Table(title="importance matrix (built-in calibration text) vs plain quantization, PPL")
     for col in ("type", "plain", "imatrix", "better"):

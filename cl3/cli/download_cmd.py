@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import app, out, progress_bar
+from .options import Quiet
 
 
 @app.command()
@@ -18,7 +19,7 @@ def download(
     include: list[str] = typer.Option(None, "--include", help="Glob(s) of the files to fetch instead of cl3's set "
                                       "(config, tokenizer, safetensors + index, PEFT adapter). Repeatable."),
     output: Path = typer.Option(None, "-o", "--output", help="Put the files in this directory instead of the cache."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
     """Download a model (only the files cl3 uses) and print its local directory."""
     from ..hub import download as run_download

@@ -9,16 +9,17 @@ import typer
 from rich.markup import escape
 
 from ..errors import Cl3Error
-from .app import app, err, out, progress_bar
+from .app import Cl3Typer, app, err, out, progress_bar
+from .options import Force, OutputDir
 
-export_app = typer.Typer(help="Hand a GGUF to Ollama or LM Studio.", no_args_is_help=True)
+export_app = Cl3Typer(help="Hand a GGUF to Ollama or LM Studio.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
 
 @export_app.command("ollama")
 def ollama(
     model: Path = typer.Argument(..., help="A .gguf file with a chat template."),
-    output: Path = typer.Option(None, "-o", "--output", help="Directory for the Modelfile (default: the GGUF's)."),
+    output: OutputDir = None,
     name: str = typer.Option(None, "--name", help="Ollama model name (default: from the GGUF's name)."),
     system: str = typer.Option(None, "--system", help="SYSTEM prompt; \"\" for none. Default: the Chinese-LLaMA-Alpaca "
                                "authors' bilingual prompt."),
@@ -31,13 +32,14 @@ def ollama(
                                        "instead of the GGUF's own (for GGUFs converted without one)."),
     create: bool = typer.Option(False, "--create", help="Run `ollama create` (or print the command if ollama is not "
                                 "installed)."),
+    force: Force = False,
 ) -> None:
     """Write an Ollama Modelfile: FROM, TEMPLATE translated from the GGUF's chat template, SYSTEM, PARAMETERs, LICENSE."""
     from ..export import DEFAULT_SYSTEM_PROMPT, export_ollama, ollama_create
 
     result = export_ollama(model, output, name=name, system=DEFAULT_SYSTEM_PROMPT if system is None else system or None,
                            generation_config=generation_config, license_file=license_file, num_ctx=num_ctx,
-                           chat_template=chat_template)
+                           chat_template=chat_template, force=force)
     out.print(f"wrote {escape(str(result.modelfile))} (template: {result.layout.family})", highlight=False)
     for note in result.layout.notes:
         err.print(f"note: {escape(note)}", highlight=False)
@@ -64,11 +66,13 @@ def lmstudio(
                                   "else 'local')."),
     model_name: str = typer.Option(None, "--model", help="Model folder (default: {name}-GGUF)."),
     mode: str = typer.Option("copy", "--mode", help="copy, hardlink (no extra space, same disk) or symlink."),
+    force: Force = False,
 ) -> None:
     """Place the GGUF in LM Studio's models folder as publisher/model/file.gguf."""
     from ..export import export_lmstudio, read_gguf_info
 
     read_gguf_info(model)  # a bad input fails before the progress bar appears
     with progress_bar("copying", quiet=mode != "copy") as update:
-        target = export_lmstudio(model, models_dir, publisher=publisher, model=model_name, mode=mode, progress=update)
+        target = export_lmstudio(model, models_dir, publisher=publisher, model=model_name, mode=mode, force=force,
+                                 progress=update)
     out.print(f"LM Studio model: {escape(str(target))}", highlight=False, soft_wrap=True)

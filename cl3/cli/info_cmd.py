@@ -17,9 +17,9 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Show a GGUF's architecture, hyper-parameters, tokenizer, chat template, tensor types and size."""
-    from ..gguf_info import read_info
+    from ..metadata import read_metadata
 
-    summary = read_info(model)
+    summary = read_metadata(model).summary()
     if as_json:
         out.print_json(json.dumps(summary, ensure_ascii=False))
         return

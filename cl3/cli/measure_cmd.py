@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .app import LazyProgress, app, err, out
+from .options import (
+    BatchSize,
+    Chunks,
+    CtxSize,
+    Force,
+    GpuLayers,
+    Json,
+    NGen,
+    NPrompt,
+    Quiet,
+    Repetitions,
+    TextFile,
+    Threads,
+)
 
 
 def _running_ppl_bar(quiet: bool) -> LazyProgress:
@@ -20,19 +35,23 @@ def _running_ppl_bar(quiet: bool) -> LazyProgress:
 
 @app.command()
 def ppl(
-    model: Path = typer.Argument(..., help="GGUF model."),
-    text: Path = typer.Option(None, "--text", "-f", help="UTF-8 text file (default: cl3's built-in evaluation text)."),
-    ctx: int = typer.Option(512, "-c", "--ctx", help="Context (chunk) size in tokens."),
-    chunks: int = typer.Option(None, "--chunks", help="Score at most this many chunks."),
-    batch: int = typer.Option(2048, "-b", "--batch", help="Tokens per decode; n_batch // ctx chunks run side by side."),
-    kld_base: Path = typer.Option(None, "--kld-base", help="Base model (GGUF) or base-logits file to compute the "
-                                  "KL divergence against."),
-    save_kld_base: Path = typer.Option(None, "--save-kld-base", help="Write this model's logits as a KLD base file "
-                                       "(llama-perplexity --kl-divergence-base format)."),
-    threads: int = typer.Option(None, "-t", "--threads", help="Threads (default: physical cores)."),
-    n_gpu_layers: int = typer.Option(-1, "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU (-1: all)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="GGUF model.")],
+    text: TextFile = None,
+    ctx_size: CtxSize = 512,
+    chunks: Chunks = None,
+    batch_size: Annotated[int, typer.Option("-b", "--batch-size", metavar="N", help="Tokens per decode; "
+                                            "n_batch / ctx-size chunks run side by side.")] = 2048,
+    kld_base: Annotated[Optional[Path], typer.Option(
+        "--kld-base", metavar="FILE", help="Base model (GGUF) or base-logits file to compute the KL divergence "
+                                           "against.")] = None,
+    save_kld_base: Annotated[Optional[Path], typer.Option(
+        "--save-kld-base", metavar="FILE", help="Write this model's logits as a KLD base file (llama-perplexity "
+                                                "--kl-divergence-base format).")] = None,
+    threads: Threads = None,
+    n_gpu_layers: GpuLayers = -1,
+    force: Force = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Perplexity of MODEL on a text, the way llama-perplexity computes it (and KL divergence with --kld-base)."""
     from .. import measure
@@ -49,17 +68,18 @@ def ppl(
             bar.update(task, completed=done, total=total)
 
         if save_kld_base is not None:
-            result = measure.save_base_logits(model, save_kld_base, body, n_ctx=ctx, n_batch=batch, chunks=chunks,
-                                              threads=threads, n_gpu_layers=n_gpu_layers, progress=progress)
+            result = measure.save_base_logits(model, save_kld_base, body, n_ctx=ctx_size, n_batch=batch_size,
+                                              chunks=chunks, threads=threads, n_gpu_layers=n_gpu_layers,
+                                              force=force, progress=progress)
         else:
-            result = measure.perplexity(model, body, n_ctx=ctx, n_batch=batch, chunks=chunks, threads=threads,
-                                        n_gpu_layers=n_gpu_layers, kld_base=kld_base, progress=progress,
-                                        on_chunk=on_chunk)
+            result = measure.perplexity(model, body, n_ctx=ctx_size, n_batch=batch_size, chunks=chunks,
+                                        threads=threads, n_gpu_layers=n_gpu_layers, kld_base=kld_base,
+                                        progress=progress, on_chunk=on_chunk)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
         return
     out.print(f"[bold]PPL = {result.ppl:.4f} ± {result.stderr:.5f}[/]  ({result.chunks} chunks of {result.n_ctx} "
-              f"tokens, {result.tokens} scored tokens, {result.seconds:.1f} s, {result.threads} threads)")
+              f"tokens, {result.tokens} scored tokens, {result.seconds:.1f} s, {result.threads} threads, {result.backend})")
     if save_kld_base is not None:
         out.print(f"wrote the KLD base {save_kld_base} ({save_kld_base.stat().st_size / 2**20:.1f} MiB)")
     if result.kld is not None:
@@ -85,16 +105,17 @@ def ppl(
 
 @app.command()
 def speed(
-    model: Path = typer.Argument(..., help="GGUF model."),
-    n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens of the pp test (0: skip it)."),
-    n_gen: int = typer.Option(128, "-n", "--n-gen", help="Generated tokens of the tg test (0: skip it)."),
-    repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed runs of each test."),
-    threads: int = typer.Option(None, "-t", "--threads", help="Threads (default: physical cores)."),
-    n_gpu_layers: int = typer.Option(-1, "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU (-1: all)."),
-    batch: int = typer.Option(2048, "-b", "--batch", help="Logical batch size (n_batch)."),
-    ubatch: int = typer.Option(512, "-ub", "--ubatch", help="Physical batch size (n_ubatch)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="GGUF model.")],
+    n_prompt: NPrompt = 512,
+    n_gen: NGen = 128,
+    repetitions: Repetitions = 5,
+    threads: Threads = None,
+    n_gpu_layers: GpuLayers = -1,
+    batch_size: BatchSize = 2048,
+    ubatch_size: Annotated[int, typer.Option("-ub", "--ubatch-size", metavar="N",
+                                             help="Physical batch size (n_ubatch).")] = 512,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Prompt-processing and text-generation speed, the way llama-bench measures them."""
     from .. import measure
@@ -103,7 +124,7 @@ def speed(
                       console=err, disable=quiet or as_json, transient=True) as bar:
         task = bar.add_task("runs", total=None)
         result = measure.speed(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads,
-                               n_gpu_layers=n_gpu_layers, n_batch=batch, n_ubatch=ubatch,
+                               n_gpu_layers=n_gpu_layers, n_batch=batch_size, n_ubatch=ubatch_size,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
@@ -120,7 +141,7 @@ def print_speed(result) -> None:
     params = f"{result.n_params / 1e9:.2f} B" if result.n_params >= 1e9 else f"{result.n_params / 1e6:.2f} M"
     for t in result.tests:
         table.add_row(result.description, size, params,
-                      result.backend.get("backend", "?"), str(result.threads), t.name,
+                      result.backend.get("layers", result.backend.get("backend", "?")), str(result.threads), t.name,
                       f"{t.avg_ts:.2f} ± {t.stdev_ts:.2f}", f"{t.ms_per_token:.3f} ± {t.ms_per_token_stdev:.3f}")
     out.print(table)
     out.print(f"[dim]llama-cpp-python {result.backend.get('llama_cpp_python')}, {result.repetitions} runs after a "

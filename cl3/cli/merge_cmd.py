@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import app, out, progress_bar
+from .options import Quiet
 
 
 @app.command()
@@ -17,7 +18,7 @@ def merge(
     output: Path = typer.Option(..., "-o", "--output", help="New directory for the merged checkpoint."),
     dtype: str = typer.Option("auto", "--dtype", help="bf16, f16, f32 or auto (the base's)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) files you trust."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
     """Merge a LoRA adapter (incl. full embed_tokens/lm_head, extended vocabulary) into its base model."""
     from ..hub import resolve_source

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 
 from .app import app, err
+from .options import GpuLayers, Threads
 
 
 @app.command()
@@ -18,16 +20,18 @@ def serve(
     port: int = typer.Option(8000, "--port", help="Listen port."),
     api_key: str = typer.Option(None, "--api-key", envvar="CL3_API_KEY", help="Require `Authorization: Bearer KEY` "
                                 "(also from $CL3_API_KEY)."),
-    ctx: int = typer.Option(None, "--ctx", help="Context size (default: the training context, at most 8192)."),
-    threads: int = typer.Option(0, "--threads", help="Threads (0: all cores)."),
+    ctx_size: Annotated[Optional[int], typer.Option(
+        "-c", "--ctx-size", metavar="N", help="Context size (default: the training context, at most 8192).")] = None,
+    threads: Threads = None,
+    n_gpu_layers: GpuLayers = -1,
     alias: str = typer.Option(None, "--alias", help="Model id shown by /v1/models (default: the file name)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's log and the server's request log."),
 ) -> None:
     """Serve /v1/chat/completions (with streaming), /v1/completions and /v1/models, with the GGUF's chat template."""
     from ..serve import run_server, server_settings
 
-    settings = server_settings(model, host=host, port=port, api_key=api_key, n_ctx=ctx, n_threads=threads,
-                               alias=alias, verbose=verbose)
+    settings = server_settings(model, host=host, port=port, api_key=api_key, n_ctx=ctx_size, n_threads=threads,
+                               n_gpu_layers=n_gpu_layers, alias=alias, verbose=verbose)
     for note in settings.notes:
         err.print(f"note: {escape(note)}", highlight=False)
     err.print(f"serving {escape(settings.model.model_alias)} on http://{escape(settings.display_host)}:{port}/v1 "

@@ -1,0 +1,46 @@
+"""The one boundary between cl3 and llama.cpp: everything that touches llama-cpp-python's low-level bindings,
+ctypes structures or ggml's C API lives in this package, in files named after what they hold:
+
+- ``library``: llama.cpp loaded once (backend, bundled ggml libraries)
+- ``log``: llama.cpp's log captured for error messages
+- ``model``: :class:`Model` (loading) and :class:`Context` (tokens in, logits out, eval callback)
+- ``tensors``: the ggml tensor mirror the imatrix callback reads; ggml type sizes
+- ``quantization``: ``llama_model_quantize``, file types, dry-run plans
+- ``gguf_file``: GGUF metadata through ggml's C reader
+- ``hardware``: devices, threads, the AMX check
+- ``llama_class``: what chat and serve need around llama-cpp-python's ``Llama``
+"""
+
+from .gguf_file import GgufFile, TensorInfo, check_gguf_path
+from .hardware import (
+    backend_info,
+    backend_label,
+    devices,
+    gpu_offload_supported,
+    physical_cpu_count,
+)
+from .llama_class import eog_token_ids, prepare_for_llama
+from .log import log_errors_since, log_listener, mark_log
+from .model import Context, EvalCallback, Model, context_memory_plan
+from .quantization import FileType, file_types, quantize_file, quantize_plan
+from .tensors import (
+    GGML_OP_MUL_MAT,
+    GGML_OP_MUL_MAT_ID,
+    GGML_TYPE_F32,
+    GgmlTensor,
+    ggml_type_by_name,
+    ggml_type_name,
+    tensor_array,
+    tensor_at,
+    tensor_name,
+    tensor_nbytes,
+    tensor_rows,
+)
+
+__all__ = [
+    "GGML_OP_MUL_MAT", "GGML_OP_MUL_MAT_ID", "GGML_TYPE_F32", "Context", "EvalCallback", "FileType", "GgmlTensor",
+    "GgufFile", "Model", "TensorInfo", "backend_info", "backend_label", "check_gguf_path", "context_memory_plan",
+    "devices", "eog_token_ids", "file_types", "ggml_type_by_name", "ggml_type_name", "gpu_offload_supported",
+    "log_errors_since", "log_listener", "mark_log", "physical_cpu_count", "prepare_for_llama", "quantize_file",
+    "quantize_plan", "tensor_array", "tensor_at", "tensor_name", "tensor_nbytes", "tensor_rows",
+]

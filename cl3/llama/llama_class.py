@@ -1,0 +1,21 @@
+"""What chat and serve need around llama-cpp-python's high-level ``Llama`` class, which loads their models."""
+
+from __future__ import annotations
+
+from .hardware import prepare_llama_objects
+from .library import llama_cpp
+
+
+def prepare_for_llama() -> None:
+    """Before a ``llama_cpp.Llama`` is made: llama.cpp's log goes to cl3's capture (not the terminal), and models
+    load with the CPU kernels that work on this machine."""
+    llama_cpp()
+    prepare_llama_objects()
+
+
+def eog_token_ids(llm) -> frozenset[int]:
+    """Every end-of-generation token of a ``llama_cpp.Llama``'s vocabulary, as llama.cpp decides them
+    (``llama_vocab_is_eog``: EOS, EOT and the end-of-turn tokens it recognises, e.g. <|eot_id|>, <|end_of_text|>)."""
+    lib = llama_cpp()
+    vocab = lib.llama_model_get_vocab(llm.model)
+    return frozenset(t for t in range(lib.llama_vocab_n_tokens(vocab)) if lib.llama_vocab_is_eog(vocab, t))
