@@ -65,7 +65,8 @@ def bench(
                             chunks=chunks, text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, threads=threads, stage=stage)
     out.print(bench_mod.render_rich(table))
-    written = [output.with_suffix(s) for s in (".md", ".csv", ".json", ".png")]
+    stem = bench_mod.table_stem(output)
+    written = [bench_mod.table_file(stem, s) for s in bench_mod.TABLE_EXTENSIONS]
     out.print("wrote " + ", ".join(str(p) for p in written if p.exists()))
     if published is not None:
         print_comparison(bench_mod.compare(table, published), compare)
