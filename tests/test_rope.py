@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ from llama_cpp import Llama
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cl3.convert import convert
+from cl3.plan import write_weightless_gguf
 
 from .conftest import one_line_error, run_cl3
 
@@ -138,6 +140,23 @@ def test_config_resaved_by_transformers_5(tiny_f32, tmp_path):
     tokens = sample_tokens(tiny_f32, N_TOKENS)
     gguf_path = convert(src, tmp_path / "m.gguf", "f32").path
     assert relative_difference(llama_cpp_logits(gguf_path, tokens), transformers_logits(src, tokens)) < TOLERANCE
+
+
+def rope_metadata(path: Path) -> dict:
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if ".rope." in k}
+    freqs = [t.shape.tolist() for t in reader.tensors if t.name == "rope_freqs.weight"]
+    return fields | {"rope_freqs": freqs}
+
+
+@pytest.mark.parametrize("name", ["rope_parameters llama3", "rope_parameters yarn, attention_factor",
+                                  "rope_parameters dynamic"])
+def test_plan_writes_the_rope_settings_convert_writes(name, tiny_f32, tmp_path):
+    src = with_config(tiny_f32, tmp_path / "hf", CASES[name][0])
+    converted = rope_metadata(convert(src, tmp_path / "m.gguf", "f16").path)
+    write_weightless_gguf(json.loads((src / "config.json").read_text()), tmp_path / "plan.gguf")
+    assert rope_metadata(tmp_path / "plan.gguf") == converted
+    assert converted["llama.rope.freq_base"] != 10000.0 or "llama.rope.scaling.type" in converted
 
 
 @pytest.mark.parametrize("keys,message", [
