@@ -14,9 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
 from llama_cpp import Llama
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from cl3.convert import convert
 from cl3.plan import write_weightless_gguf
@@ -82,6 +80,11 @@ def with_config(tiny, out: Path, keys: dict) -> Path:
 
 
 def transformers_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    # imported here, not at collection: importing transformers freezes huggingface_hub's cache location for every
+    # test module, before test_hub points HF_HOME at a temporary directory
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     assert type(model).__name__ == json.loads((path / "config.json").read_text())["architectures"][0]
     with torch.no_grad():
@@ -131,6 +134,8 @@ def test_logits_match_transformers(name, tiny_f32, tmp_path):
 def test_config_resaved_by_transformers_5(tiny_f32, tmp_path):
     """A legacy config (rope_theta + rope_scaling with `type`) loaded and saved again by transformers 5 holds only
     rope_parameters (with both `type` and `rope_type`); it converts to the same model."""
+    from transformers import AutoConfig
+
     src = with_config(tiny_f32, tmp_path / "hf", {"rope_theta": 500000.0, "max_position_embeddings": 256,
                                                   "rope_scaling": {"type": "yarn"} | YARN})
     AutoConfig.from_pretrained(src).save_pretrained(src)
