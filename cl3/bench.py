@@ -27,16 +27,18 @@ from .metadata import read_metadata
 from .plan import AUTHORS_TYPES
 from .progress import Stage, stage_progress
 
-# rows of the table: (csv key, label in the authors' layout, format)
+# rows of the table: (csv key, label in the authors' layout with its unit, format, csv key of its standard error)
 ROWS = [
-    ("size_gib", "Size (GiB)", "{:.2f}"),
-    ("bpw", "BPW", "{:.2f}"),
-    ("ppl", "PPL", "{:.3f}"),
-    ("kld_mean", "KLD vs F16", "{:.4f}"),
-    ("same_top", "Same top (%)", "{:.1f}"),
-    ("pp_ms_per_token", "PP (ms/token)", "{:.2f}"),
-    ("tg_ms_per_token", "TG (ms/token)", "{:.2f}"),
+    ("size_gib", "Size (GiB)", "{:.2f}", None),
+    ("size_mib", "Size (MiB)", "{:.1f}", None),
+    ("bpw", "BPW", "{:.2f}", None),
+    ("ppl", "PPL", "{:.3f}", "ppl_stderr"),
+    ("kld_mean", "KLD vs F16", "{:.4f}", "kld_stderr"),
+    ("same_top", "Same top (%)", "{:.1f}", None),
+    ("pp_ms_per_token", "PP (ms/token)", "{:.2f}", None),
+    ("tg_ms_per_token", "TG (ms/token)", "{:.2f}", None),
 ]
+TABLE_EXTENSIONS = (".md", ".csv", ".json", ".png")
 
 
 @dataclass
@@ -70,13 +72,12 @@ class BenchTable:
             return cell["size_bytes"] / 2**20
         return cell.get(key)
 
-    def rows(self) -> list[tuple[str, str, str]]:
-        """The rows worth showing: KLD rows only when measured; sizes in MiB for models under 1 GiB."""
-        rows = [r for r in ROWS if any(self.value(t, r[0]) is not None for t in self.types)]
+    def rows(self) -> list[tuple[str, str, str, str | None]]:
+        """The rows worth showing, in every format alike: KLD rows only when measured; sizes in MiB for models
+        under 1 GiB, in GiB otherwise."""
         sizes = [self.value(t, "size_gib") for t in self.types if self.value(t, "size_gib") is not None]
-        if sizes and max(sizes) < 1:
-            rows = [("size_mib", "Size (MiB)", "{:.1f}") if r[0] == "size_gib" else r for r in rows]
-        return rows
+        skip = "size_gib" if sizes and max(sizes) < 1 else "size_mib"
+        return [r for r in ROWS if r[0] != skip and any(self.value(t, r[0]) is not None for t in self.types)]
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "types": self.types, "settings": vars(self.settings),
@@ -90,6 +91,7 @@ METHOD = {
     "bpw": "llama_model_size * 8 / llama_model_n_params (tensor bits per parameter)",
     "ppl": "llama-perplexity's method: BOS-prefixed tokenization, non-overlapping chunks of ctx tokens, BOS as "
            "the first token of each chunk, only the second half of each chunk scored",
+    "ppl_stderr": "the standard error of the perplexity over the scored tokens, as llama-perplexity estimates it",
     "kld_mean": "mean KL(P_F16 || P_type) over the scored tokens (llama-perplexity --kl-divergence)",
     "pp_ms_per_token": "llama-bench pp test: mean time of the timed runs / prompt tokens (random tokens, warm-up)",
     "tg_ms_per_token": "llama-bench tg test: mean time of the timed runs / generated tokens (1 token per decode)",
@@ -172,9 +174,7 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
     from . import quantize
 
     src = Path(src)
-    out = Path(out)
-    if out.suffix in (".md", ".csv", ".json", ".png"):
-        out = out.with_suffix("")
+    out = table_stem(out)
     if not out.parent.is_dir():
         raise InputError(f"output directory does not exist: {out.parent}")
     type_names = [t.strip().upper() for t in (types or AUTHORS_TYPES) if t.strip()]
@@ -201,7 +201,7 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
                              n_gpu_layers=n_gpu_layers)
     table = BenchTable(out.name, str(src), type_names, settings, machine=machine_info(),
                        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    previous = load_table(out.with_suffix(".json"))
+    previous = load_table(table_file(out, ".json"))
     if previous and previous.get("settings") == vars(settings) and previous.get("source") == str(src):
         table.cells = {t: c for t, c in previous.get("cells", {}).items() if t in type_names}
         table.started = previous.get("started", table.started)
@@ -255,15 +255,26 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
     return table
 
 
+def table_stem(out: str | os.PathLike) -> Path:
+    """OUT without a table extension; other dots in the name stay (quant_tables/M2-7.3M-F16)."""
+    out = Path(out)
+    return out.with_suffix("") if out.suffix in TABLE_EXTENSIONS else out
+
+
+def table_file(stem: Path, extension: str) -> Path:
+    """stem + extension (Path.with_suffix would replace '.3M-F16' in M2-7.3M-F16)."""
+    return stem.with_name(stem.name + extension)
+
+
 def _save(table: BenchTable, out: Path, final: bool = False) -> None:
-    with atomic_output(out.with_suffix(".json")) as tmp:
+    with atomic_output(table_file(out, ".json")) as tmp:
         tmp.write_text(json.dumps(table.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
-    with atomic_output(out.with_suffix(".csv")) as tmp:
+    with atomic_output(table_file(out, ".csv")) as tmp:
         tmp.write_text(render_csv(table), encoding="utf-8")
-    with atomic_output(out.with_suffix(".md")) as tmp:
+    with atomic_output(table_file(out, ".md")) as tmp:
         tmp.write_text(render_markdown(table), encoding="utf-8")
     if final:
-        plot(table, out.with_suffix(".png"))
+        plot(table, table_file(out, ".png"))
 
 
 # ---------------------------------------------------------------------------------------------------------- render
@@ -272,14 +283,25 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else spec.format(value)
 
 
+def _cell_text(table: BenchTable, type_name: str, row: tuple[str, str, str, str | None]) -> str:
+    """A value as the Markdown and Rich tables show it, with its standard error: 5.130 ± 0.021."""
+    key, _label, spec, err_key = row
+    text = _fmt(table.value(type_name, key), spec)
+    err = table.value(type_name, err_key) if err_key and text else None
+    return f"{text} ± {spec.format(err)}" if err is not None else text
+
+
 def render_csv(table: BenchTable) -> str:
-    """Rows = metrics, columns = types (the layout of quant_tables/*.published.csv)."""
+    """Rows = metrics, columns = types (the layout of quant_tables/*.published.csv); the same rows and units as the
+    Markdown, each standard error in a row of its own (ppl_stderr after ppl)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["metric", *table.types])
-    for key in [r[0] for r in ROWS if any(table.value(t, r[0]) is not None for t in table.types)]:
-        w.writerow([key, *[("" if table.value(t, key) is None else repr(round(table.value(t, key), 6)))
-                           for t in table.types]])
+    for key, _label, _spec, err_key in table.rows():
+        for k in (key, err_key):
+            if k and any(table.value(t, k) is not None for t in table.types):
+                w.writerow([k, *[("" if table.value(t, k) is None else repr(round(table.value(t, k), 6)))
+                                 for t in table.types]])
     return buf.getvalue()
 
 
@@ -287,15 +309,16 @@ def render_markdown(table: BenchTable) -> str:
     s, m = table.settings, table.machine
     lines = [f"# {table.name}: quantization table measured by cl3", "",
              f"| | {' | '.join(table.types)} |", "|---|" + "---|" * len(table.types)]
-    for key, label, spec in table.rows():
-        lines.append(f"| {label} | " + " | ".join(_fmt(table.value(t, key), spec) for t in table.types) + " |")
+    for row in table.rows():
+        lines.append(f"| {row[1]} | " + " | ".join(_cell_text(table, t, row) for t in table.types) + " |")
     lines += ["", "How these numbers were obtained:", "",
               f"- Source: `{table.source}`; quantized with llama.cpp (llama-cpp-python {m.get('llama_cpp_python')})"
               + (f", importance matrix: {s.imatrix}" if s.imatrix else ", no importance matrix") + ".",
-              f"- Size: the GGUF file's size (GiB; MiB for models under 1 GiB). BPW: {METHOD['bpw']}.",
+              f"- Size: the GGUF file's size (GiB = 2^30 bytes, MiB = 2^20 bytes; the CSV's size_gib or size_mib). "
+              f"BPW: {METHOD['bpw']}.",
               f"- PPL: {METHOD['ppl']}; ctx {s.ctx}, text `{s.text}` (sha256 {s.text_sha256[:12]}…)"
-              + (f", first {s.chunks} chunks" if s.chunks else "") + ".",
-              *([f"- KLD: {METHOD['kld_mean']}."] if s.kld else []),
+              + (f", first {s.chunks} chunks" if s.chunks else "") + f". The ± is {METHOD['ppl_stderr']}.",
+              *([f"- KLD: {METHOD['kld_mean']} ± its standard error."] if s.kld else []),
               (f"- PP/TG: {METHOD['pp_ms_per_token']} (pp{s.n_prompt}); {METHOD['tg_ms_per_token']} "
                f"(tg{s.n_gen}); {s.repetitions} timed runs; lower is faster."),
               (f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, {m.get('os')}, "
@@ -310,13 +333,14 @@ def render_rich(table: BenchTable):
     t.add_column("", no_wrap=True)
     for name in table.types:
         t.add_column(name, justify="right", no_wrap=True, overflow="fold")
-    for key, label, spec in table.rows():
-        t.add_row(label, *[_fmt(table.value(n, key), spec) for n in table.types])
+    for row in table.rows():
+        t.add_row(row[1], *[_cell_text(table, n, row) for n in table.types])
     return t
 
 
 def plot(table: BenchTable, path: Path) -> Path | None:
-    """Size vs perplexity, and pp/tg ms/token per type; None when matplotlib is not installed."""
+    """Size vs perplexity (with standard-error bars), and pp/tg ms/token per type; None when matplotlib is not
+    installed or nothing is measured yet."""
     try:
         import matplotlib
 
@@ -324,18 +348,32 @@ def plot(table: BenchTable, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    fig = figure(table)
+    if fig is None:
+        return None
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure(table: BenchTable):
+    """The matplotlib figure of `plot` (None when no type has both a size and a perplexity)."""
+    import matplotlib.pyplot as plt
+
     done = [t for t in table.types if table.value(t, "ppl") is not None and table.value(t, "size_gib") is not None]
     if not done:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    gib = max(table.value(t, "size_gib") for t in done) >= 1
-    xs = [table.value(t, "size_gib") * (1 if gib else 1024) for t in done]
+    size_key = next(r[0] for r in table.rows() if r[0].startswith("size_"))
+    xs = [table.value(t, size_key) for t in done]
     ys = [table.value(t, "ppl") for t in done]
-    ax1.plot(xs, ys, "o-")
+    errs = [table.value(t, "ppl_stderr") or 0.0 for t in done]
+    ax1.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=3)
     for t, x, y in zip(done, xs, ys):
         ax1.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax1.set_xlabel("size (GiB)" if gib else "size (MiB)")
-    ax1.set_ylabel(f"perplexity (ctx {table.settings.ctx})")
+    ax1.set_xlabel("size (GiB)" if size_key == "size_gib" else "size (MiB)")
+    ax1.set_ylabel(f"perplexity ± standard error (ctx {table.settings.ctx})")
     ax1.set_title("size vs perplexity")
     idx = range(len(table.types))
     for key, label, offset in (("pp_ms_per_token", "PP", -0.2), ("tg_ms_per_token", "TG", 0.2)):
@@ -346,10 +384,7 @@ def plot(table: BenchTable, path: Path) -> Path | None:
     ax2.set_title(f"speed ({table.machine.get('backend')}, {table.machine.get('cores')} cores)")
     ax2.legend()
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------------- compare
@@ -382,7 +417,7 @@ def read_table_csv(path: str | os.PathLike) -> dict[str, dict[str, float]]:
 def compare(table: BenchTable, published: dict[str, dict[str, float]]) -> list[dict]:
     """Published vs measured per metric and type, with measured/published ratios."""
     result = []
-    for key, label, _spec in ROWS:
+    for key, label, _spec, _err in ROWS:
         if key not in published:
             continue
         for t in table.types:

@@ -234,17 +234,96 @@ def _encode(rows: np.ndarray, src_dtype: np.dtype, qtype: gguf.GGMLQuantizationT
     return gguf.quants.quantize(f32, qtype)
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeSettings:
+    """A config's rope settings, whatever layout wrote them."""
+
+    theta: float
+    kind: str = "default"                  # one of ROPE_TYPES
+    factor: float = 1.0
+    original_context: int = 0              # yarn, llama3: the pre-training context
+    low_freq_factor: float = 1.0           # llama3
+    high_freq_factor: float = 4.0          # llama3
+    attention_factor: float | None = None  # yarn: transformers' cos/sin scale when it is not 0.1·ln(factor)+1
+
+
+def rope_settings(config: dict) -> RopeSettings:
+    """The rope settings of a Llama/Mistral config.json, read as transformers 5 standardises them: its own layout
+    (`rope_parameters` holding rope_theta, rope_type and the scaling fields) or the legacy one (top-level `rope_theta`,
+    `rope_scaling` with `type` or `rope_type`); a layout or rope type cl3 cannot carry to llama.cpp is refused."""
+    found = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise InputError(f"config.json: {key} is not an object")
+        if value:
+            found[key] = _rope_settings(value, config)
+    if len(set(found.values())) > 1:  # transformers would read rope_scaling, llama.cpp's converter rope_parameters
+        raise InputError("config.json has both rope_scaling and rope_parameters, and they differ")
+    return next(iter(found.values()), None) or _rope_settings({}, config)
+
+
+def _rope_settings(rope: dict, config: dict) -> RopeSettings:
+    if nested := [k for k, v in rope.items() if isinstance(v, dict)]:
+        raise UnsupportedModelError(f"config.json: per-layer rope settings ({', '.join(nested)}) are not supported")
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial not in (None, 1):
+        raise UnsupportedModelError(f"config.json: partial_rotary_factor {partial} is not supported")
+    kind = str(rope.get("rope_type") or rope.get("type") or "default").lower()
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModelError(f"rope type {kind!r} is not supported (cl3 converts {', '.join(ROPE_TYPES)})")
+    theta = _rope_number(rope.get("rope_theta", config.get("rope_theta", 10000.0)), "rope_theta")
+    if kind == "default":
+        return RopeSettings(theta)
+    if kind in ("linear", "dynamic"):
+        return RopeSettings(theta, kind, _rope_number(rope.get("factor"), "factor"))
+    # transformers prefers a top-level original_max_position_embeddings, then the rope object's, then the context
+    max_ctx = config.get("max_position_embeddings")
+    original = int(_rope_number(config.get("original_max_position_embeddings")
+                                or rope.get("original_max_position_embeddings") or max_ctx,
+                                "original_max_position_embeddings"))
+    if kind == "llama3":
+        return RopeSettings(theta, kind, _rope_number(rope.get("factor"), "factor"), original,
+                            _rope_number(rope.get("low_freq_factor"), "low_freq_factor"),
+                            _rope_number(rope.get("high_freq_factor"), "high_freq_factor"))
+    factor = rope.get("factor")
+    factor = _rope_number(factor if factor is not None or not max_ctx else max_ctx / original, "factor")
+    # llama.cpp's Llama fixes these (it reads no yarn_beta_* for it and always rounds the correction range)
+    for key, fixed in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True)):
+        if rope.get(key) not in (None, fixed):
+            raise UnsupportedModelError(f"config.json: yarn {key}={rope[key]} is not supported (llama.cpp uses {fixed})")
+    attention, mscale, mscale_all_dim = rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all_dim:
+        attention = (_yarn_mscale(factor, _rope_number(mscale, "mscale"))
+                     / _yarn_mscale(factor, _rope_number(mscale_all_dim, "mscale_all_dim")))
+    if attention is not None:
+        attention = _rope_number(attention, "attention_factor")
+    return RopeSettings(theta, kind, factor, original, attention_factor=attention)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _rope_number(value, key: str) -> float:
+    if value is None:
+        raise InputError(f"config.json: the rope settings lack {key}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"config.json: rope {key} must be a positive number, not {value!r}")
+    return float(value)
+
+
 def llama3_rope_factors(config: dict, hp: dict) -> np.ndarray | None:
     """Llama-3.1-style frequency factors, as convert_hf_to_gguf computes them (rope_freqs.weight)."""
-    rs = config.get("rope_scaling") or {}
-    if str(rs.get("rope_type", rs.get("type", ""))).lower() != "llama3":
+    rope = rope_settings(config)
+    if rope.kind != "llama3":
         return None
-    base = float(config.get("rope_theta", 10000.0))
     dim = hp["head_dim"]
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    factor = float(rs.get("factor", 8.0))
-    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
-    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high, old_ctx = rope.factor, rope.low_freq_factor, rope.high_freq_factor, rope.original_context
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
     factors = []
     for freq in freqs:
@@ -275,27 +354,21 @@ def add_hparams(writer: gguf.GGUFWriter, hp: dict, config: dict, outtype: str) -
     writer.add_file_type(FILE_TYPES[outtype])
     if outtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    base = float(config.get("rope_theta", 10000.0))
-    rs = config.get("rope_scaling") or {}
-    kind = str(rs.get("rope_type", rs.get("type", "")) or "").lower()
-    factor = rs.get("factor")
-    if kind in ("", "default", "llama3"):
-        pass
-    elif factor is None:
-        raise InputError(f"config.json: rope_scaling of type {kind!r} has no factor")
-    elif kind == "linear":
+    rope = rope_settings(config)
+    base = rope.theta
+    if rope.kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(factor))
-    elif kind == "yarn":
+        writer.add_rope_scaling_factor(rope.factor)
+    elif rope.kind == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(float(factor))
-        original = rs.get("original_max_position_embeddings") or config.get("max_position_embeddings")
-        writer.add_rope_scaling_orig_ctx_len(int(original))
-    elif kind == "dynamic":
+        writer.add_rope_scaling_factor(rope.factor)
+        writer.add_rope_scaling_orig_ctx_len(rope.original_context)
+        if rope.attention_factor is not None:
+            # llama.cpp scales by 0.1·ln(factor)+1 itself, then by this
+            writer.add_rope_scaling_attn_factors(rope.attention_factor / _yarn_mscale(rope.factor))
+    elif rope.kind == "dynamic":
         # llama.cpp has no dynamic NTK at run time; the NTK-aware base change at the full factor is its equivalent
-        base = base * float(factor) ** (hp["head_dim"] / (hp["head_dim"] - 2))
-    else:
-        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported (linear, dynamic, yarn, llama3 are)")
+        base = base * rope.factor ** (hp["head_dim"] / (hp["head_dim"] - 2))
     writer.add_rope_freq_base(base)
 
 

@@ -26,7 +26,7 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def table(tiny_llama3_gguf, text_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tables") / "tiny"
+    out = tmp_path_factory.mktemp("tables") / "Tiny-1.7M-F32"  # dots in the name, as llama.cpp's file names have
     return bench.bench(tiny_llama3_gguf, types=["F16", "Q8_0", "Q4_0"], out=out, text_file=text_file, kld=True,
                        **SETTINGS), out
 
@@ -50,28 +50,87 @@ def test_cells_match_the_files(table):
     assert t.cells["F16"]["bpw"] > t.cells["Q8_0"]["bpw"] > t.cells["Q4_0"]["bpw"]
 
 
+def written(out, extension):
+    return out.with_name(out.name + extension)
+
+
 def test_outputs_are_written_in_the_authors_layout(table):
     t, out = table
-    rows = list(csv.reader(out.with_suffix(".csv").read_text().splitlines()))
+    assert sorted(p.name for p in out.parent.iterdir() if p.is_file()) == [
+        "Tiny-1.7M-F32.csv", "Tiny-1.7M-F32.json", "Tiny-1.7M-F32.md", "Tiny-1.7M-F32.png"]
+    rows = list(csv.reader(written(out, ".csv").read_text().splitlines()))
     assert rows[0] == ["metric", "F16", "Q8_0", "Q4_0"]
     keys = [r[0] for r in rows[1:]]
-    assert keys[:3] == ["size_gib", "bpw", "ppl"] and "tg_ms_per_token" in keys and "kld_mean" in keys
+    assert keys[:4] == ["size_mib", "bpw", "ppl", "ppl_stderr"]
+    assert "tg_ms_per_token" in keys and keys[keys.index("kld_mean") + 1] == "kld_stderr"
     ppl_row = next(r for r in rows if r[0] == "ppl")
     assert float(ppl_row[3]) == pytest.approx(t.cells["Q4_0"]["ppl"], rel=1e-6)
-    md = out.with_suffix(".md").read_text()
+    md = written(out, ".md").read_text()
     assert "| | F16 | Q8_0 | Q4_0 |" in md and "How these numbers were obtained" in md
-    data = json.loads(out.with_suffix(".json").read_text())
+    data = json.loads(written(out, ".json").read_text())
     assert data["settings"]["ctx"] == 64 and data["machine"]["backend"] and data["method"]["ppl"]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return
-    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written(out, ".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _markdown_rows(md: str) -> dict[str, list[str]]:
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| |")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
+
+
+def test_ppl_is_shown_with_its_standard_error(table):
+    """Markdown and Rich show `PPL ± stderr`, the CSV a separate ppl_stderr row; the error is llama-perplexity's
+    estimate for that file and text, recomputed here."""
+    t, out = table
+    again = measure.perplexity(t.cells["Q8_0"]["model"], TEXT, n_ctx=64, chunks=2)
+    assert t.cells["Q8_0"]["ppl_stderr"] == pytest.approx(again.stderr, rel=1e-6) and again.stderr > 0
+    md = _markdown_rows(written(out, ".md").read_text())
+    csv_rows = {r[0]: r[1:] for r in csv.reader(written(out, ".csv").read_text().splitlines())}
+    for i, name in enumerate(t.types):
+        ppl, err = t.cells[name]["ppl"], t.cells[name]["ppl_stderr"]
+        assert md["PPL"][i] == f"{ppl:.3f} ± {err:.3f}"
+        assert float(csv_rows["ppl_stderr"][i]) == pytest.approx(err, rel=1e-5)
+    assert md["KLD vs F16"][0] == "" and " ± " in md["KLD vs F16"][2]
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(bench.render_rich(t))
+    shown = console.export_text()
+    assert all(f"{t.cells[n]['ppl']:.3f} ± {t.cells[n]['ppl_stderr']:.3f}" in shown for n in t.types)
+
+
+def test_csv_and_markdown_sizes_share_their_unit(table):
+    t, out = table
+    md = _markdown_rows(written(out, ".md").read_text())
+    csv_rows = {r[0]: r[1:] for r in csv.reader(written(out, ".csv").read_text().splitlines())}
+    assert "Size (GiB)" not in md and "size_gib" not in csv_rows  # a model under 1 GiB: MiB in both
+    for i, name in enumerate(t.types):
+        mib = os.path.getsize(t.cells[name]["model"]) / 2**20
+        assert float(csv_rows["size_mib"][i]) == pytest.approx(mib, rel=1e-5)
+        assert md["Size (MiB)"][i] == f"{mib:.1f}"
+    big = bench.BenchTable("big", "x", ["F16"], bench.BenchSettings(),
+                           cells={"F16": {"size_gib": 1.5, "size_bytes": 3 * 2**29, "ppl": 5.13, "ppl_stderr": 0.021}})
+    assert "size_gib,1.5" in bench.render_csv(big) and "size_mib" not in bench.render_csv(big)
+    assert "| Size (GiB) | 1.50 |" in bench.render_markdown(big) and "| PPL | 5.130 ± 0.021 |" in bench.render_markdown(big)
+
+
+def test_plot_has_ppl_error_bars(table):
+    from matplotlib.container import ErrorbarContainer
+
+    t, _ = table
+    fig = bench.figure(t)
+    bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and bars[0].has_yerr
+    segments = bars[0].lines[2][0].get_segments()
+    for name, seg in zip(t.types, segments):
+        (x0, low), (x1, high) = seg
+        assert x0 == x1 == pytest.approx(os.path.getsize(t.cells[name]["model"]) / 2**20)
+        assert (low, high) == pytest.approx((t.cells[name]["ppl"] - t.cells[name]["ppl_stderr"],
+                                             t.cells[name]["ppl"] + t.cells[name]["ppl_stderr"]))
 
 
 def test_rerun_resumes_without_recomputing(table, tiny_llama3_gguf, text_file):
     _, out = table
-    before = json.loads(out.with_suffix(".json").read_text())["cells"]
+    before = json.loads(written(out, ".json").read_text())["cells"]
     again = bench.bench(tiny_llama3_gguf, types=["F16", "Q8_0", "Q4_0"], out=out, text_file=text_file, kld=True,
                         **SETTINGS)
     assert again.cells == before  # timings would differ had anything been measured again
@@ -104,6 +163,23 @@ def test_cli_bench_bad_input_is_one_line(args, message, tiny_llama3_gguf, tmp_pa
     proc = run_cl3(*[a.format(model=tiny_llama3_gguf, bad=bad) for a in args], "-o", tmp_path / "t") \
         if "-o" not in args else run_cl3(*[a.format(model=tiny_llama3_gguf, bad=bad) for a in args])
     one_line_error(proc, message)
+
+
+def test_cli_default_table_name_is_the_whole_file_name(tiny_llama3_gguf, text_file, tmp_path, monkeypatch):
+    """M2-7.3M-F16.gguf and M2-7.9M-F16.gguf get tables of their own (not both `M2-7`)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("M2-7.3M-F16", "M2-7.9M-F16"):
+        model = tmp_path / f"{name}.gguf"
+        model.symlink_to(tiny_llama3_gguf)
+        proc = run_cl3("bench", model, "--types", "Q8_0", "-c", "64", "--chunks", "1", "-f", text_file, "-p", "32",
+                       "-n", "4", "-r", "1", "-q")
+        assert proc.returncode == 0, proc.stderr
+        files = [f"quant_tables/{name}{ext}" for ext in (".md", ".csv", ".json", ".png")]
+        assert all((tmp_path / f).is_file() for f in files)
+        assert ("wrote " + ", ".join(files)) in " ".join(proc.stdout.split())
+    tables = sorted(p.name for p in (tmp_path / "quant_tables").iterdir() if p.is_file())
+    assert len(tables) == 8 and not any(n.startswith("M2-7.") and n.count(".") == 1 for n in tables)
+    assert json.loads((tmp_path / "quant_tables" / "M2-7.9M-F16.json").read_text())["source"].endswith("M2-7.9M-F16.gguf")
 
 
 @pytest.mark.slow  # computes an imatrix on the whole built-in calibration text

@@ -179,7 +179,8 @@ def hub():
 
 
 def files_in(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts}
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*")
+            if p.is_file() and ".cache" not in p.relative_to(path).parts}
 
 
 def test_download_fetches_only_what_cl3_needs(hub, tmp_path):

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from textual.widgets import Input, TextArea
+from textual.widgets import Footer, Input, TextArea
 
 from cl3.chat import (
     DEFAULT_SYSTEM_PROMPT,
@@ -297,13 +297,57 @@ async def test_context_too_small_for_the_system_prompt(make_app):
     assert "too small for the system prompt" in str(app.load_error)
 
 
+POEM = "床前明月光，\n疑是地上霜。\nline three\nline four"
+
+
+def paragraph_lines(message: ChatMessage) -> list[str]:
+    return [str(p.render()) for p in message.query("MarkdownParagraph")]
+
+
+@run_async
+async def test_replies_keep_their_line_breaks(make_app, tmp_path):
+    """Single newlines are line breaks (CommonMark would join the lines into one), in a saved reply and in one
+    streamed piece by piece; blank lines still separate paragraphs, and Markdown is still rendered."""
+    store = ConversationStore(tmp_path / "chats")
+    saved = Conversation(model="tiny-llama3-f32.gguf", messages=[
+        Message("user", "写首诗"), Message("assistant", POEM + "\n\n**End**\nof it")])
+    store.save(saved)
+    app = make_app(store=store, resume=saved.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        reply = app.screen.query(ChatMessage).last()
+        assert paragraph_lines(reply) == [POEM, "End\nof it"]
+        assert [p.size.height for p in reply.query("MarkdownParagraph")] == [4, 2]
+
+        streamed = ChatMessage("assistant")
+        await app.screen.query_one("#conversation").mount(streamed)
+        for piece in ["床前明", "月光，\n", "疑是地上霜。", "\nline three\nline", " four"]:
+            await streamed.write(piece)
+            await pilot.pause(0.05)
+        await streamed.finish()
+        await pilot.pause()
+        assert paragraph_lines(streamed) == [POEM] and streamed.content == POEM
+
+
+@run_async
+async def test_every_key_is_in_the_footer_at_80_columns(make_app):
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        footer = app.screen.query_one(Footer)
+        keys = {k.description: k.region for k in footer.query("FooterKey")}
+        expected = [b.description for b in [*app.screen.BINDINGS, *app.BINDINGS] if b.show]
+        assert sorted(keys) == sorted(expected)
+        assert all(region.width > 0 and region.right <= 80 for region in keys.values()), keys
+
+
 # --- snapshots of the main screens (pytest-textual-snapshot; update with --snapshot-update) ---
 
 def _saved_chat(store: ConversationStore) -> str:
     conversation = Conversation(model="tiny-llama3-f32.gguf", id="20260101-120000-abcdef", messages=[
         Message("user", "你好，请介绍一下量化。"),
-        Message("assistant", "量化把权重从 16 位浮点数压缩到更少的位数：\n\n| 类型 | 每权重位数 |\n|---|---|\n"
-                             "| Q8_0 | 8.5 |\n| Q4_K_M | 4.8 |\n\n```sh\ncl3 quantize model.gguf Q4_K_M\n```"),
+        Message("assistant", "量化把权重从 16 位浮点数压缩到更少的位数：\n文件更小，\n运行更快。\n\n| 类型 | 每权重位数 |\n"
+                             "|---|---|\n| Q8_0 | 8.5 |\n| Q4_K_M | 4.8 |\n\n```sh\ncl3 quantize model.gguf Q4_K_M\n```"),
     ])
     store.save(conversation)
     return conversation.id

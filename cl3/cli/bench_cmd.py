@@ -75,7 +75,8 @@ def bench(
                             ctx=ctx_size, chunks=chunks, text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen,
                             repetitions=repetitions, threads=threads, n_gpu_layers=n_gpu_layers, stage=stage)
     out.print(bench_mod.render_rich(table))
-    written = [output.with_suffix(s) for s in (".md", ".csv", ".json", ".png")]
+    stem = bench_mod.table_stem(output)
+    written = [bench_mod.table_file(stem, s) for s in bench_mod.TABLE_EXTENSIONS]
     out.print("wrote " + ", ".join(str(p) for p in written if p.exists()))
     if published is not None:
         print_comparison(bench_mod.compare(table, published), compare)

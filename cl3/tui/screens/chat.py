@@ -72,14 +72,15 @@ class ReplyFailed(TextualMessage):
 
 
 class ChatScreen(Screen):
+    # short labels and a compact footer: every key fits in 80 columns (F1 explains them all)
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+j,alt+enter", "send", "Send", key_display="^j"),
         Binding("escape", "stop", "Stop"),
-        Binding("ctrl+r", "regenerate", "Retry"),
+        Binding("ctrl+r", "regenerate", "Redo"),
         Binding("ctrl+n", "new_chat", "New"),
-        Binding("f2", "edit_system", "System"),
-        Binding("f3", "sampling", "Sampling"),
-        Binding("f4", "history", "Chats"),
+        Binding("f2", "edit_system", "Sys"),
+        Binding("f3", "sampling", "Temp"),
+        Binding("f4", "history", "Open"),
         Binding("f5", "export", "Export"),
         Binding("f1", "help", "Help"),
     ]
@@ -106,7 +107,7 @@ class ChatScreen(Screen):
         yield VerticalScroll(id="conversation")
         yield PromptInput(id="prompt")
         yield StatusBar(id="status")
-        yield Footer(show_command_palette=False)
+        yield Footer(show_command_palette=False, compact=True)
 
     async def on_mount(self) -> None:
         self.query_one("#conversation").anchor()

@@ -1,13 +1,30 @@
-"""One message in the conversation, rendered as Markdown; assistant replies stream into it."""
+"""One message in the conversation, rendered as Markdown with its line breaks kept; assistant replies stream into it."""
 
 from __future__ import annotations
 
+from markdown_it import MarkdownIt
+from markdown_it.rules_core import StateCore
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 ROLE_LABELS = {"system": "System", "user": "You", "assistant": "Assistant"}
+
+
+def markdown_parser() -> MarkdownIt:
+    """Textual's GFM-like Markdown, with every newline a line break: a reply keeps the lines the model wrote."""
+    parser = MarkdownIt("gfm-like")
+    parser.core.ruler.push("hard_breaks", _hard_breaks)
+    return parser
+
+
+def _hard_breaks(state: StateCore) -> None:
+    # markdown-it's `breaks` option only changes its HTML renderer; Textual renders a soft break as a space
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
 
 
 class ChatMessage(Vertical):
@@ -21,7 +38,7 @@ class ChatMessage(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label(ROLE_LABELS.get(self.role, self.role), classes="role")
-        yield Markdown(self.content)
+        yield Markdown(self.content, parser_factory=markdown_parser)
 
     @property
     def markdown(self) -> Markdown:
