@@ -841,4 +841,89 @@ def eog_token_ids(llm) -> frozenset[int]:
     return frozenset(t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t))
 
 
+def token_piece(llm, token: int, special: bool = False) -> bytes:
+    """The bytes of one token of a ``llama_cpp.Llama``. ``Llama.detokenize`` uses a fixed 32-byte buffer and returns
+    nothing for longer pieces (llama-cpp-python issue 2362); this sizes the buffer from llama.cpp's answer."""
+    llama_cpp = _llama_cpp()
+    return _piece(llama_cpp, llama_cpp.llama_model_get_vocab(llm.model), token, special)
+
+
+def _piece(llama_cpp, vocab, token: int, special: bool) -> bytes:
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, llama_cpp.llama_token(token), buf, size, 0, special)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n  # too small: llama.cpp returns minus the size it needs
+
+
+def _sized_string(call: Callable[[ctypes.Array, int], int]) -> str:
+    """A string from a llama.cpp call that returns the length it needs (snprintf-style)."""
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = call(buf, size)
+        if n < size:
+            return buf.value.decode("utf-8", errors="replace")
+        size = n + 1
+
+
+class VocabOnly:
+    """A GGUF's vocabulary as llama.cpp loads it (no weights): tokenization, BOS, end-of-generation tokens."""
+
+    def __init__(self, path: str | os.PathLike):
+        llama_cpp = _llama_cpp()
+        self._lib = llama_cpp
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        mark = mark_log()
+        self._model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+        if not self._model:
+            raise InputError(f"llama.cpp cannot load the vocabulary of {path}: {log_errors_since(mark) or 'unknown error'}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_tokens = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._lib.llama_token * n_max)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        return list(buf[:n])
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def metadata(self) -> dict[str, str]:
+        """The GGUF's metadata as llama.cpp holds it: scalars as text (arrays are not listed in full)."""
+        lib, out = self._lib, {}
+        for i in range(lib.llama_model_meta_count(self._model)):
+            key = _sized_string(lambda buf, n, i=i: lib.llama_model_meta_key_by_index(self._model, i, buf, n))
+            out[key] = _sized_string(lambda buf, n, i=i: lib.llama_model_meta_val_str_by_index(self._model, i, buf, n))
+        return out
+
+    def token_texts(self) -> list[str]:
+        get = self._lib.llama_vocab_get_text
+        return [get(self._vocab, t).decode("utf-8", errors="replace") for t in range(self.n_tokens)]
+
+    def is_control(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_get_attr(self._vocab, token) & self._lib.LLAMA_TOKEN_ATTR_CONTROL)
+
+    def piece(self, token: int, special: bool = True) -> bytes:
+        return _piece(self._lib, self._vocab, token, special)
+
+    def close(self) -> None:
+        if self._model:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> VocabOnly:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # --- end of section: chat ---
