@@ -1,4 +1,4 @@
-"""`cl3 info`: what a GGUF file holds."""
+"""`cl3 info`: what a GGUF file holds; `--check`: what would make chats loop, get cut off or lose their format."""
 
 from __future__ import annotations
 
@@ -15,11 +15,36 @@ from .app import app, out
 def info(
     model: Path = typer.Argument(..., help="A .gguf file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    check: bool = typer.Option(False, "--check", help="Check the chat template (renders; its end-of-turn token ends "
+                               "generation; no double BOS), the stops an Ollama export writes, the pre-tokenizer and "
+                               "rope scaling: one line per finding with its fix. Exit status 1 when a finding is an "
+                               "error, 0 otherwise (warnings and notes included)."),
+    chat_template: str = typer.Option(None, "--chat-template", help="With --check: check this template (a name or a "
+                                      "Jinja file) instead of the GGUF's."),
 ) -> None:
-    """Show a GGUF's architecture, hyper-parameters, tokenizer, chat template, tensor types and size."""
+    """Show a GGUF's architecture, hyper-parameters, tokenizer, chat template (and where it came from), tensor types
+    and size."""
+    if check:
+        from ..check import check_gguf, has_errors
+
+        findings = check_gguf(model, chat_template)
+        if as_json:
+            out.print_json(json.dumps([f.__dict__ for f in findings], ensure_ascii=False))
+        else:
+            for finding in findings:
+                out.print(finding.line(), highlight=False, markup=False, soft_wrap=True)
+        if has_errors(findings):
+            raise typer.Exit(1)
+        return
+
+    from ..chat_templates import NAME_KEY, SOURCE_KEY, describe_source
     from ..gguf_info import read_info
+    from ..llama import read_gguf_summary
 
     summary = read_info(model)
+    if summary["chat_template"]:
+        strings = read_gguf_summary(model).strings
+        summary["chat_template_source"] = describe_source(strings.get(SOURCE_KEY), strings.get(NAME_KEY))
     if as_json:
         out.print_json(json.dumps(summary, ensure_ascii=False))
         return
