@@ -36,8 +36,6 @@ from .chat_templates import (
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
 from .files import atomic_output
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT"]  # re-exported: defined once in chat_templates
-
 # --------------------------------------------------------------------------------------------------------------------
 # What the export needs from the GGUF
 
