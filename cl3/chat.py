@@ -1,8 +1,10 @@
 """Chat with a GGUF model: prompts from the model's own chat template, streaming replies, saved conversations.
 
-The prompt is rendered from the GGUF's ``tokenizer.chat_template`` with llama-cpp-python's sandboxed Jinja2 formatter
-(the same rendering Hugging Face transformers does); a model without a template but with the Llama-3 vocabulary gets the
-Llama-3-Instruct format. Generation stops on every end-of-generation token of the model (``<|eot_id|>`` for Llama-3).
+The prompt is rendered from the GGUF's ``tokenizer.chat_template`` (or ``chat_template=`` NAME|FILE) with
+llama-cpp-python's sandboxed Jinja2 formatter (the same rendering Hugging Face transformers does); a model without a
+template whose vocabulary cl3 recognises (Llama-3, Chinese-LLaMA-2 / Alpaca-2) gets its family's format. A template
+that refuses system messages gets none. Generation stops on every end-of-generation token of the model
+(``<|eot_id|>`` for Llama-3); token text is decoded through llama.cpp with a buffer of the piece's size.
 When a conversation no longer fits the context, the oldest turns are left out of the prompt (never the system prompt).
 """
 
@@ -22,13 +24,11 @@ from pathlib import Path
 import jinja2
 
 from . import paths
+from .chat_templates import DEFAULT_SYSTEM_PROMPT, KNOWN_TEMPLATES, template_from_spec
 from .errors import InputError, LlamaError, UnsupportedModelError
 from .files import atomic_output
 from .metadata import file_type_name
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
-LLAMA3_SPECIAL_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-KNOWN_ARCHITECTURES = ("llama",)
 
 
 # --- messages and sampling ---------------------------------------------------------------------------------------------
@@ -122,13 +122,14 @@ class ChatModel:
     """A GGUF model loaded through llama-cpp-python, with its chat template and end-of-generation tokens."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = -1, n_threads: int | None = None,
-                 seed: int = -1):
+                 seed: int = -1, chat_template: str | os.PathLike | None = None):
         from llama_cpp import Llama
 
         from .llama import check_gguf_path, eog_token_ids, log_errors_since, mark_log, prepare_for_llama
 
         self.path = Path(path)
         check_gguf_path(self.path)
+        override = template_from_spec(chat_template) if chat_template is not None else None
         if n_ctx < 0:
             raise InputError(f"context size must be >= 0 (0 = the model's training context), not {n_ctx}")
         prepare_for_llama()
@@ -144,8 +145,9 @@ class ChatModel:
         self.eog_tokens = eog_token_ids(self.llm)
         self.bos_token_id = self.llm.token_bos()
         self.add_bos = self.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
-        self.template, self.template_source = self._chat_template()
+        self.template, self.template_source = self._chat_template(override)
         self._formatter = self._make_formatter()
+        self.supports_system = self._accepts_system()
 
     # model facts for the status bar
     @property
@@ -158,22 +160,32 @@ class ChatModel:
         return file_type_name(int(file_type)) if file_type is not None else "?"
 
     def _token_text(self, token: int) -> str:
-        return "" if token < 0 else self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        from .llama import token_piece
 
-    def _chat_template(self) -> tuple[str, str]:
+        return "" if token < 0 else token_piece(self.llm, token, special=True).decode("utf-8", errors="replace")
+
+    def _chat_template(self, override) -> tuple[str, str]:
+        if override is not None:
+            return override.text, f"--chat-template {override.name}"
         template = self.metadata.get("tokenizer.chat_template")
         if template:
             return template, "gguf"
-        from llama_cpp.llama_chat_format import LLAMA3_INSTRUCT_CHAT_TEMPLATE
+        from .export import read_gguf_info
 
-        if self.architecture in KNOWN_ARCHITECTURES and all(self._is_single_token(t) for t in LLAMA3_SPECIAL_TOKENS):
-            return LLAMA3_INSTRUCT_CHAT_TEMPLATE, "llama-3 fallback"
+        family = read_gguf_info(self.path).family
+        if family is not None:
+            return KNOWN_TEMPLATES[family], f"cl3: {family}"
         raise UnsupportedModelError(
-            f"{self.path.name} has no chat template (tokenizer.chat_template) and is not a Llama-3 model "
-            f"(architecture {self.architecture!r}); cl3 cannot tell how to format a conversation for it")
+            f"{self.path.name} has no chat template (tokenizer.chat_template) and cl3 does not recognise its "
+            f"vocabulary; name a chat template ({', '.join(KNOWN_TEMPLATES)}, or a Jinja file)", param="chat_template")
 
-    def _is_single_token(self, text: str) -> bool:
-        return len(self.llm.tokenize(text.encode(), add_bos=False, special=True)) == 1
+    def _accepts_system(self) -> bool:
+        """False for a template that raises on a system message (Gemma, some Mistral templates)."""
+        try:
+            self._formatter(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+            return True
+        except (jinja2.TemplateError, ValueError, TypeError):
+            return False
 
     def _make_formatter(self):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -187,6 +199,8 @@ class ChatModel:
     # prompts
     def format_prompt(self, system_prompt: str, history: Sequence[Message]) -> str:
         """The exact prompt text for a conversation, ending with the assistant's header."""
+        if not self.supports_system:
+            system_prompt = ""
         try:
             return self._formatter(messages=template_messages(system_prompt, history)).prompt
         except (jinja2.TemplateError, ValueError, TypeError) as ex:  # raise_exception() in a template is a ValueError
@@ -235,7 +249,9 @@ class ChatModel:
     def _stream(self, prompt_tokens: list[int], sampling: SamplingParams, reply: Reply,
                 should_stop: Callable[[], bool]) -> Iterator[str]:
         budget = min(sampling.max_tokens, self.n_ctx - len(prompt_tokens))
-        decoder = TokenTextDecoder(lambda t: self.llm.detokenize([t], special=False))
+        from .llama import token_piece
+
+        decoder = TokenTextDecoder(lambda t: token_piece(self.llm, t))
         self.llm.set_seed(_llama_seed(sampling.seed))
         generator = self.llm.generate(prompt_tokens, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                                       temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty)

@@ -17,6 +17,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .chat_templates import KNOWN_TEMPLATES, NAME_KEY, SOURCE_KEY, TemplateChoice, family_from_vocab, template_from_spec
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
 from .files import atomic_output, check_new_output, is_directory_target, output_directory
 from .hf import Checkpoint, TensorRef, open_checkpoint
@@ -40,6 +41,7 @@ class ConvertResult:
     n_tensors: int
     n_params: int
     n_bytes: int
+    template: TemplateChoice | None = None  # the chat template embedded, and where it came from
 
 
 @dataclass
@@ -80,9 +82,14 @@ def default_output_name(ckpt: Checkpoint, outtype: str, n_params: int) -> str:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto", *, allow_pickle: bool = False,
-            pre_tokenizer: str | None = None, force: bool = False, progress: Progress | None = None) -> ConvertResult:
+            pre_tokenizer: str | None = None, chat_template: str | os.PathLike | None = None, force: bool = False,
+            progress: Progress | None = None) -> ConvertResult:
     """Convert the HF checkpoint directory `src` to a GGUF at `out`: a file, or a folder (an existing one, or a name
-    ending in a separator, created) for the default name. An existing file is replaced only with ``force``."""
+    ending in a separator, created) for the default name. An existing file is replaced only with ``force``.
+
+    chat_template: a known template name or a Jinja file, embedded instead of the checkpoint's own; without one and
+    without a template in the checkpoint, the template of the family cl3 recognises from the vocabulary (if any)."""
+    choice = template_from_spec(chat_template) if chat_template is not None else None
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     if ckpt.architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(f"architecture {ckpt.architecture} is not supported "
@@ -91,6 +98,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
     outtype = resolve_outtype(outtype, ckpt)
     plans = _plan_tensors(ckpt, hp, outtype)
     vocab = load_vocab(ckpt.path, hp["vocab_size"], pre_tokenizer)
+    choice = choose_template(vocab, choice)
     n_params = sum(int(np.prod(p.shape)) for p in plans if p.ref is not None)
 
     if is_directory_target(out):
@@ -102,6 +110,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
     _metadata(ckpt, n_params).set_gguf_meta_model(writer)
     add_hparams(writer, hp, ckpt.config, outtype)
     vocab.add_to_gguf(writer)
+    if choice is not None:
+        writer.add_string(SOURCE_KEY, choice.source)
+        if choice.name:
+            writer.add_string(NAME_KEY, choice.name)
     for p in plans:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
 
@@ -129,7 +141,23 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
             raise
         finally:
             writer.close()
-    return ConvertResult(out, outtype, len(plans), n_params, out.stat().st_size)
+    return ConvertResult(out, outtype, len(plans), n_params, out.stat().st_size, choice)
+
+
+def choose_template(vocab, choice: TemplateChoice | None) -> TemplateChoice | None:
+    """The user's template, else the checkpoint's, else the family's; set on the vocabulary's special tokens."""
+    own = vocab.special.chat_template
+    if choice is None and own:
+        choice = TemplateChoice(own if isinstance(own, str) else "", "checkpoint", None)
+    if choice is None:
+        tokens = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in vocab.tokens]
+        family = family_from_vocab(vocab.model, tokens)
+        if family is None:
+            return None
+        choice = TemplateChoice(KNOWN_TEMPLATES[family], "family", family)
+    if choice.source != "checkpoint":
+        vocab.special.chat_template = choice.text
+    return choice
 
 
 def hparams(config: dict) -> dict:

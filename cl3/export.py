@@ -4,7 +4,12 @@ The Ollama TEMPLATE is not looked up by name. The GGUF's Jinja chat template is 
 message texts are unique markers; the literal text between the markers gives the prompt's layout (what comes before and
 after a system, user and assistant message, and the generation prompt). That layout is then checked against the Jinja
 rendering of ordinary 1-4 turn conversations with and without a system prompt, and only then written out in Ollama's
-Go-template syntax. A template whose output does not follow such a per-message layout is refused with a clear error.
+Go-template syntax. A template that raises on a system message, drops it or places it where no per-message layout can
+is translated for conversations without one (the TEMPLATE leaves system messages out, and says so). A template whose
+output does not follow such a layout even then is refused with a clear error.
+
+Stops are special tokens or template markup (`[INST]`, `### Instruction:`), never ordinary words: Ollama cuts a reply at
+a stop anywhere in it.
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .chat_templates import (
+    DEFAULT_SYSTEM_PROMPT,
+    NAME_KEY,
+    SOURCE_KEY,
+    authors_model,
+    family_from_vocab,
+    is_ordinary_text,
+    stop_candidates,
+)
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
 from .files import atomic_output, check_new_output, output_directory
-
-# The Chinese-LLaMA-Alpaca-2/-3 authors' default system prompt (scripts/inference/*.py, prompts/alpaca-2.txt).
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
 
 # --------------------------------------------------------------------------------------------------------------------
 # What the export needs from the GGUF
@@ -46,6 +57,12 @@ class GgufInfo:
     license_name: str | None
     license_link: str | None
     control_tokens: frozenset[str] = field(default_factory=frozenset)
+    tokenizer_model: str | None = None
+    family: str | None = None  # chat family known to cl3 (chat_templates.family_from_vocab)
+    template_source: str | None = None  # cl3.chat_template.source: checkpoint, family, user; None: not recorded
+    template_name: str | None = None
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset)  # declared end-of-generation ids: EOS, EOT, EOM
+    tokens: list[str] = field(default_factory=list, repr=False)
 
 
 def read_gguf_info(path: str | os.PathLike) -> GgufInfo:
@@ -53,13 +70,18 @@ def read_gguf_info(path: str | os.PathLike) -> GgufInfo:
     from .metadata import read_metadata
 
     m = read_metadata(path)
-    texts = m.special_texts
+    texts, ids = m.special_texts, m.special_ids
+    tokens = m.token_texts()
+    source, template_name = m.values.get(SOURCE_KEY), m.values.get(NAME_KEY)
+    family = template_name if source == "family" else family_from_vocab(m.tokenizer_model, tokens)
     return GgufInfo(
         path=m.path, architecture=m.architecture or "llama", name=m.name, organization=m.organization,
         chat_template=m.chat_template, bos_token=texts.get("bos", ""), eos_token=texts.get("eos", ""),
         end_of_turn_tokens=[texts[k] for k in ("eot", "eom") if k in texts], add_bos=m.effective_add_bos,
         context_length=m.context_length, sampling=m.sampling, license=m.license, license_name=m.license_name,
-        license_link=m.license_link, control_tokens=m.control_tokens)
+        license_link=m.license_link, control_tokens=m.control_tokens, tokenizer_model=m.tokenizer_model,
+        family=family, template_source=source, template_name=template_name,
+        eos_token_ids=frozenset(ids[k] for k in ("eos", "eot", "eom") if k in ids), tokens=tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -97,6 +119,7 @@ class ChatLayout:
     default_system: str | None  # what the template inserts when there is no system message
     bos_in_template: bool  # the Jinja output starts with BOS (Ollama's tokenizer adds it instead)
     notes: tuple[str, ...] = ()
+    supports_system: bool = True  # False: translated for conversations without a system message only
 
     def render(self, messages: list[dict]) -> str:
         """The prompt this layout gives (without the leading BOS); the Python twin of ollama_template()."""
@@ -107,6 +130,8 @@ class ChatLayout:
             prev = "system"
         for m in messages:
             role, content = m["role"], m["content"]
+            if role == "system" and not self.supports_system:
+                continue
             if role == "system":
                 out += [self.system_pre, content, self.system_post]
             elif role == "user":
@@ -127,6 +152,14 @@ def _probe(roles: str) -> list[dict]:
     return [{"role": names[r], "content": _MARK.format(i)} for i, r in enumerate(roles)]
 
 
+class _Untranslatable(UnsupportedModelError):
+    """A refusal, with the short reason the system-less fallback quotes."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def _render(template: str, msgs: list[dict], bos: str, eos: str) -> str:
     """render_chat_template, with a template's own errors turned into a one-line refusal."""
     import jinja2
@@ -134,8 +167,9 @@ def _render(template: str, msgs: list[dict], bos: str, eos: str) -> str:
     try:
         return render_chat_template(template, msgs, bos_token=bos, eos_token=eos)
     except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as ex:
-        raise UnsupportedModelError(f"the chat template fails on a {'-'.join(m['role'] for m in msgs)} conversation "
-                                    f"({ex}); cl3 cannot translate it into an Ollama TEMPLATE") from None
+        raise _Untranslatable(f"the chat template fails on a {'-'.join(m['role'] for m in msgs)} conversation "
+                              f"({ex}); cl3 cannot translate it into an Ollama TEMPLATE",
+                              f"the template raises {str(ex)!r} on them") from None
 
 
 def _pieces(template: str, roles: str, bos: str, eos: str) -> list[str]:
@@ -147,8 +181,9 @@ def _pieces(template: str, roles: str, bos: str, eos: str) -> list[str]:
         mark = _MARK.format(i)
         at = text.find(mark, pos)
         if at < 0 or text.count(mark) != 1:
-            raise UnsupportedModelError("the chat template does not place each message's text exactly once, in order; "
-                                        "cl3 cannot translate it into an Ollama TEMPLATE")
+            raise _Untranslatable("the chat template does not place each message's text exactly once, in order; "
+                                  "cl3 cannot translate it into an Ollama TEMPLATE",
+                                  "the template leaves them out or moves them")
         pieces.append(text[pos:at])
         pos = at + len(mark)
     pieces.append(text[pos:])
@@ -177,8 +212,9 @@ _TURNS = [("你好，请介绍一下你自己。", "你好！我是一个人工�
 _SYSTEM = "You are a terse assistant.\n只用中文回答。"
 
 
-def check_conversations() -> list[list[dict]]:
-    """1-4 user turns, each with and without a system prompt, ending with a user message."""
+def check_conversations(with_system: bool = True) -> list[list[dict]]:
+    """1-4 user turns, each without and (unless with_system is False) with a system prompt, ending with a user
+    message."""
     convs = []
     for n in range(1, 5):
         msgs = []
@@ -187,17 +223,35 @@ def check_conversations() -> list[list[dict]]:
             if i < n - 1:
                 msgs.append({"role": "assistant", "content": _TURNS[i][1]})
         convs.append(msgs)
-        convs.append([{"role": "system", "content": _SYSTEM}] + msgs)
+        if with_system:
+            convs.append([{"role": "system", "content": _SYSTEM}] + msgs)
     return convs
 
 
 def analyze_chat_template(template: str, *, bos_token: str, eos_token: str, add_bos: bool = True) -> ChatLayout:
-    """Find the per-message layout of a Jinja chat template by probing it; raise UnsupportedModelError if it has none."""
-    u = _pieces(template, "u", bos_token, eos_token)
-    su = _pieces(template, "su", bos_token, eos_token)
-    uau = _pieces(template, "uau", bos_token, eos_token)
+    """Find the per-message layout of a Jinja chat template by probing it; raise UnsupportedModelError if it has none.
 
-    bos_in_template = bool(bos_token) and u[0].startswith(bos_token) and su[0].startswith(bos_token)
+    A template that has a layout only for conversations without a system message gets that one
+    (``supports_system`` False, with a note saying why)."""
+    try:
+        return _analyze(template, bos_token, eos_token, add_bos, with_system=True)
+    except UnsupportedModelError as ex:
+        try:
+            layout = _analyze(template, bos_token, eos_token, add_bos, with_system=False)
+        except UnsupportedModelError:
+            raise ex from None
+        reason = getattr(ex, "reason", "no per-message layout places them")
+        note = f"system messages are not supported ({reason}); the TEMPLATE leaves them out"
+        return replace(layout, notes=(note, *layout.notes))
+
+
+def _analyze(template: str, bos_token: str, eos_token: str, add_bos: bool, *, with_system: bool) -> ChatLayout:
+    u = _pieces(template, "u", bos_token, eos_token)
+    uau = _pieces(template, "uau", bos_token, eos_token)
+    # without system messages: a stand-in where the system block would be (nothing), so the code below is shared
+    su = _pieces(template, "su", bos_token, eos_token) if with_system else [u[0], ""]
+
+    bos_in_template = bool(bos_token) and u[0].startswith(bos_token) and (not with_system or su[0].startswith(bos_token))
     notes = []
     if bos_in_template and add_bos:
         u[0], su[0], uau[0] = (p.removeprefix(bos_token) for p in (u[0], su[0], uau[0]))
@@ -205,7 +259,7 @@ def analyze_chat_template(template: str, *, bos_token: str, eos_token: str, add_
         notes.append("the chat template does not start with BOS but the model adds one; Ollama will add it too")
 
     head_user, tail_user = u[0], u[1]
-    head_system, glue_su = su[0], su[1]
+    head_system, glue_su = (su[0], su[1]) if with_system else ("", "")
     glue_ua, glue_au = uau[1], uau[2]
 
     # A template may insert its own system prompt when the conversation has none.
@@ -229,6 +283,8 @@ def analyze_chat_template(template: str, *, bos_token: str, eos_token: str, add_
                             _common_suffix(glue_au, glue_su))
     sp = _split_suffix(glue_su, user_pre)
     system_post, user_pre_after_system = sp if sp else (glue_su, "")
+    if not with_system:
+        system_post, user_pre_after_system = "", user_pre
 
     # Between a user message and the assistant's text, and after the last user message.
     assistant_pre = ""
@@ -254,10 +310,11 @@ def analyze_chat_template(template: str, *, bos_token: str, eos_token: str, add_
         user_pre_first=user_pre_first, user_pre_after_system=user_pre_after_system, user_pre_later=user_pre_later,
         user_post=user_post, assistant_pre=assistant_pre, assistant_post=assistant_post, generation=generation,
         default_system=default_system, bos_in_template=bos_in_template and add_bos, notes=tuple(notes),
+        supports_system=with_system,
     )
 
     strip = bos_token if layout.bos_in_template else ""
-    for msgs in check_conversations():
+    for msgs in check_conversations(with_system):
         expected = _render(template, msgs, bos_token, eos_token)
         if strip:
             expected = expected.removeprefix(strip)
@@ -265,10 +322,11 @@ def analyze_chat_template(template: str, *, bos_token: str, eos_token: str, add_
         if got != expected:
             at = len(_common_prefix(got, expected))
             roles = "-".join(m["role"] for m in msgs)
-            raise UnsupportedModelError(
+            raise _Untranslatable(
                 f"the chat template is not a per-message layout cl3 can translate into an Ollama TEMPLATE "
                 f"(a {roles} conversation differs at character {at}: expected {expected[at:at + 30]!r}, "
-                f"the translation gives {got[at:at + 30]!r})")
+                f"the translation gives {got[at:at + 30]!r})", "the template places them where no per-message "
+                "layout can, e.g. inside a user turn")
 
     if "strftime_now" in template:
         note = "the chat template writes today's date into the prompt; the TEMPLATE keeps the date of the export"
@@ -371,11 +429,14 @@ def ollama_template(layout: ChatLayout) -> str:
             t.action('$prev = "system"', newline=False)
         t.action("end", newline=False)
     t.action("range .Messages")
-    t.action('if eq .Role "system"')
-    t.text(layout.system_pre)
-    t.action(".Content", newline=False)
-    t.text(layout.system_post)
-    t.action('else if eq .Role "user"')
+    if layout.supports_system:
+        t.action('if eq .Role "system"')
+        t.text(layout.system_pre)
+        t.action(".Content", newline=False)
+        t.text(layout.system_post)
+        t.action('else if eq .Role "user"')
+    else:  # system messages are left out
+        t.action('if eq .Role "user"')
     if track_prev:
         _user_pre_branches(t, layout)
     else:
@@ -387,8 +448,12 @@ def ollama_template(layout: ChatLayout) -> str:
     t.action(".Content", newline=False)
     t.text(layout.assistant_post)
     t.action("end")
-    if track_prev:
+    if track_prev and layout.supports_system:
         t.action("$prev = .Role")
+    elif track_prev:
+        t.action('if ne .Role "system"')
+        t.action("$prev = .Role", newline=False)
+        t.action("end", newline=False)
     t.action("end")
     t.text(layout.generation)
     return str(t)
@@ -437,23 +502,26 @@ def load_generation_config(path: str | os.PathLike) -> dict:
 
 
 def stop_sequences(layout: ChatLayout, info: GgufInfo) -> list[str]:
-    """Every text that ends the assistant's turn: the token closing it in the template, EOT/EOM, EOS, and the start
-    of the next user turn (so a model that runs on into another turn stops there)."""
+    """Every text that ends the assistant's turn: the marker closing it in the template, EOT/EOM, EOS, and the marker
+    opening the next user turn (so a model that runs on into another turn stops there). Only special tokens and
+    template markup qualify: Ollama cuts a reply at a stop anywhere, so an ordinary word would cut ordinary replies."""
+    return _stops(layout, info)[0]
+
+
+def _stops(layout: ChatLayout, info: GgufInfo) -> tuple[list[str], list[str]]:
+    """The stops, and notes on markers left out because ordinary text contains them."""
+    specials = set(info.control_tokens) | {t for t in (info.bos_token, info.eos_token, *info.end_of_turn_tokens) if t}
+    safe, rejected = stop_candidates(layout.assistant_post + layout.user_pre_later, specials, exclude=(info.bos_token,))
     stops: list[str] = []
-
-    def lead(text: str) -> str | None:
-        text = text.strip()
-        for tok in sorted(info.control_tokens, key=len, reverse=True):
-            if tok and text.startswith(tok):
-                return tok
-        m = re.match(r"\S+", text)
-        return m.group(0) if m else None
-
-    for cand in (lead(layout.assistant_post), *info.end_of_turn_tokens, info.eos_token,
-                 lead(layout.user_pre_later or layout.user_pre_first)):
-        if cand and cand not in stops and cand != info.bos_token:
+    for cand in (*safe[:1], *info.end_of_turn_tokens, info.eos_token):
+        if cand and cand not in stops and cand != info.bos_token and not is_ordinary_text(cand, specials):
             stops.append(cand)
-    return stops
+    opening = next((m for m in safe[1:] if m not in stops), None)  # the marker opening the next turn
+    if opening:
+        stops.append(opening)
+    notes = [] if opening else [f"no stop for {m!r}: ordinary text contains it, and Ollama would cut replies there"
+                                for m in rejected]
+    return stops, notes
 
 
 def _quoted_block(keyword: str, value: str) -> str:
@@ -483,11 +551,13 @@ def license_text(info: GgufInfo, license_file: str | os.PathLike | None = None) 
 
 
 def modelfile_text(*, from_path: str, layout: ChatLayout, info: GgufInfo, system: str | None,
-                   parameters: dict[str, float | int], num_ctx: int | None, license: str | None) -> str:
+                   parameters: dict[str, float | int], num_ctx: int | None, license: str | None,
+                   notes: list[str] | None = None) -> str:
+    checked = "with and without a system prompt" if layout.supports_system else "without a system prompt"
     lines = [f"# Ollama Modelfile for {info.name or info.path.stem}, written by cl3.",
              f"# TEMPLATE: {layout.family}, translated from the GGUF's tokenizer.chat_template and checked against it",
-             "# on 1-4 turn conversations with and without a system prompt."]
-    lines += [f"# Note: {n}." for n in layout.notes]
+             f"# on 1-4 turn conversations {checked}."]
+    lines += [f"# Note: {n}." for n in (layout.notes if notes is None else notes)]
     lines += [f"FROM {from_path}", "", _quoted_block("TEMPLATE", ollama_template(layout)), ""]
     if system:
         lines += [_quoted_block("SYSTEM", system), ""]
@@ -508,6 +578,9 @@ class OllamaExport:
     name: str
     layout: ChatLayout
     create_command: list[str]
+    system: str | None = None  # the SYSTEM written
+    stops: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the layout's notes and what the export left out
 
 
 def ollama_model_name(info: GgufInfo) -> str:
@@ -517,26 +590,51 @@ def ollama_model_name(info: GgufInfo) -> str:
     return name
 
 
+def default_system(layout: ChatLayout, info: GgufInfo) -> str | None:
+    """The SYSTEM an export writes by default: none (the template's own behaviour, including a default system prompt
+    it inserts itself), except the Chinese-LLaMA-Alpaca authors' prompt for their models when the template has none."""
+    if layout.supports_system and layout.default_system is None and authors_model(info.name, info.family):
+        return DEFAULT_SYSTEM_PROMPT
+    return None
+
+
+def export_template(info: GgufInfo, chat_template: str | os.PathLike | None = None) -> tuple[str, list[str]]:
+    """The Jinja template an export translates: --chat-template NAME|FILE, the GGUF's, else its family's."""
+    from .chat_templates import KNOWN_TEMPLATES, template_from_spec
+
+    if chat_template is not None:
+        return template_from_spec(chat_template).text, []
+    if info.chat_template:
+        return info.chat_template, []
+    if info.family:
+        return KNOWN_TEMPLATES[info.family], [f"the GGUF has no chat template; cl3 used the {info.family} template it "
+                                              f"knows for this vocabulary"]
+    raise UnsupportedModelError(f"{info.path.name} has no tokenizer.chat_template; name a chat template (a known "
+                                "name or a Jinja file) to derive the Ollama TEMPLATE from", param="chat_template")
+
+
 def export_ollama(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, name: str | None = None,
-                  system: str | None = DEFAULT_SYSTEM_PROMPT, generation_config: str | os.PathLike | None = None,
+                  system: str | None = None, generation_config: str | os.PathLike | None = None,
                   license_file: str | os.PathLike | None = None, num_ctx: int | None = None,
                   chat_template: str | os.PathLike | None = None, force: bool = False) -> OllamaExport:
     """Write DIR/<gguf name>.Modelfile (DIR defaults to the GGUF's folder, so each GGUF has its own); return what
     `ollama create` needs. An existing Modelfile is replaced only with ``force``.
 
-    chat_template: a Jinja chat template file to use instead of the GGUF's tokenizer.chat_template."""
+    system: the SYSTEM text; None: default_system(); "": none.
+    chat_template: a known template name or a Jinja file to use instead of the GGUF's tokenizer.chat_template."""
     info = read_gguf_info(gguf_path)
-    template = info.chat_template
-    if chat_template is not None:
-        try:
-            template = Path(chat_template).read_text(encoding="utf-8")
-        except OSError as ex:
-            raise InputError(f"cannot read the chat template {chat_template}: {ex.strerror}") from None
-    if not template:
-        raise UnsupportedModelError(f"{info.path.name} has no tokenizer.chat_template; "
-                                    "pass a Jinja chat template file to derive the Ollama TEMPLATE from")
+    template, notes = export_template(info, chat_template)
     layout = analyze_chat_template(template, bos_token=info.bos_token, eos_token=info.eos_token,
                                    add_bos=info.add_bos)
+    if system is None:
+        system = default_system(layout, info)
+    elif not system:
+        system = None
+    elif not layout.supports_system:
+        raise UsageError(f"the chat template of {info.path.name} does not support a system prompt "
+                         f"({layout.notes[0]}); export without one", param="system")
+    stops, stop_notes = _stops(layout, info)
+    notes = [*notes, *layout.notes, *stop_notes]
     out = output_directory(out_dir) if out_dir is not None else info.path.parent
     gguf_abs, out_abs = info.path.resolve(), out.resolve()
     try:
@@ -547,14 +645,16 @@ def export_ollama(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | Non
         raise UsageError("num_ctx must be positive")
     params = sampling_parameters(info, load_generation_config(generation_config) if generation_config else None)
     text = modelfile_text(from_path=from_path, layout=layout, info=info, system=system, parameters=params,
-                          num_ctx=num_ctx or info.context_length, license=license_text(info, license_file))
+                          num_ctx=num_ctx or info.context_length, license=license_text(info, license_file),
+                          notes=notes)
     modelfile = out / f"{info.path.name.removesuffix('.gguf')}.Modelfile"
     check_new_output(modelfile, force)
     with atomic_output(modelfile) as tmp:
         tmp.write_text(text, encoding="utf-8")
     name = name or ollama_model_name(info)
     return OllamaExport(modelfile=modelfile, name=name, layout=layout,
-                        create_command=["ollama", "create", name, "-f", str(modelfile)])
+                        create_command=["ollama", "create", name, "-f", str(modelfile)], system=system, stops=stops,
+                        notes=notes)
 
 
 def ollama_create(export: OllamaExport) -> int | None:
@@ -588,7 +688,9 @@ def export_lmstudio(gguf_path: str | os.PathLike, models_dir: str | os.PathLike 
                     publisher: str | None = None, model: str | None = None, mode: str = "copy",
                     force: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
     """Place the GGUF as MODELS/publisher/model/file.gguf; mode is copy, hardlink or symlink."""
-    info = read_gguf_info(gguf_path)
+    from .metadata import read_metadata
+
+    info = read_metadata(gguf_path)
     if mode not in ("copy", "hardlink", "symlink"):
         raise UsageError(f"unknown mode {mode!r} (copy, hardlink or symlink)")
     root = Path(models_dir).expanduser() if models_dir is not None else lmstudio_models_dir()

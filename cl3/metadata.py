@@ -56,7 +56,7 @@ class GgufMetadata:
     license_name: str | None
     license_link: str | None
     tensors: list[TensorInfo] = field(repr=False)
-    strings: dict[str, str] = field(repr=False)  # every string-valued key
+    values: dict[str, object] = field(repr=False)  # every key that is not an array
 
     @property
     def n_params(self) -> int:
@@ -95,7 +95,20 @@ class GgufMetadata:
             "parameters": self.n_params, "bits_per_weight": round(bpw, 4) if bpw else None,
             "tensor_count": len(self.tensors), "tensor_types": self.tensor_type_counts(), "hparams": self.hparams,
             "tokenizer": tokenizer, "chat_template": self.chat_template,
+            **({"chat_template_source": self.chat_template_source} if self.chat_template else {}),
         }
+
+    @property
+    def chat_template_source(self) -> str:
+        """Where the chat template came from (recorded by cl3 convert), in words."""
+        from .chat_templates import NAME_KEY, SOURCE_KEY, describe_source
+
+        return describe_source(self.values.get(SOURCE_KEY), self.values.get(NAME_KEY))
+
+    def token_texts(self) -> list[str]:
+        """Every token's text (reads the whole vocabulary: only where a check needs it)."""
+        with GgufFile(self.path) as f:
+            return [f.array_str(K.Tokenizer.LIST, i) for i in range(f.array_len(K.Tokenizer.LIST))]
 
     @property
     def effective_add_bos(self) -> bool:
@@ -133,7 +146,7 @@ def read_metadata(path: str | os.PathLike) -> GgufMetadata:
         hparams = {k[len(prefix):]: _plain(f.get(k)) for k in keys if prefix and k.startswith(prefix)}
         sampling = {k.removeprefix(SAMPLING_PREFIX): _plain(f.get(k)) for k in keys
                     if k.startswith(SAMPLING_PREFIX) and k != K.General.SAMPLING_SEQUENCE}
-        strings = {k: f.get(k) for k in keys if f.is_string(k)}
+        values = {k: f.get(k) for k in keys if not f.is_array(k)}
         add_bos, add_eos = f.get(K.Tokenizer.ADD_BOS), f.get(K.Tokenizer.ADD_EOS)
         return GgufMetadata(
             path=f.path, file_size=f.path.stat().st_size, general_type=f.get(K.General.TYPE) or "model",
@@ -148,7 +161,7 @@ def read_metadata(path: str | os.PathLike) -> GgufMetadata:
             add_bos=None if add_bos is None else bool(add_bos), add_eos=None if add_eos is None else bool(add_eos),
             control_tokens=control, sampling=sampling, license=f.get(K.General.LICENSE),
             license_name=f.get(K.General.LICENSE_NAME), license_link=f.get(K.General.LICENSE_LINK),
-            tensors=list(f.tensors), strings=strings)
+            tensors=list(f.tensors), values=values)
 
 
 def _plain(value):

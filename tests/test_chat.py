@@ -97,7 +97,7 @@ def test_model_without_template_falls_back_to_llama3_instruct(tiny_llama3_gguf, 
     bare = without_metadata(tiny_llama3_gguf, tmp_path / "no-template.gguf", "tokenizer.chat_template")
     assert gguf_string(bare, "tokenizer.chat_template") is None
     fallback = ChatModel(bare, n_ctx=256)
-    assert fallback.template_source == "llama-3 fallback"
+    assert fallback.template_source == "cl3: llama-3-instruct"
     assert fallback.format_prompt(DEFAULT_SYSTEM_PROMPT, CONVERSATION) == LLAMA3_BY_HAND
 
 

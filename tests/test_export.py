@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,14 +22,16 @@ from pathlib import Path
 import gguf
 import pytest
 
-from cl3.errors import UnsupportedModelError
+from cl3.errors import UnsupportedModelError, UsageError
 from cl3.export import (
     DEFAULT_SYSTEM_PROMPT,
+    GgufInfo,
     analyze_chat_template,
     export_lmstudio,
     export_ollama,
     ollama_template,
     render_chat_template,
+    stop_sequences,
 )
 from cl3.tiny import LLAMA2_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE
 from tests import go_template
@@ -398,14 +401,53 @@ def test_stop_covers_every_end_of_turn_token(tmp_path):
     assert stops(model_gguf(tmp_path, "chatml")) == ["<|im_end|>", "<|im_start|>"]
 
 
+# Mistral-style: the system prompt goes into the last user turn, which no per-message layout can express.
+MISTRAL_LAST_TURN_SYSTEM = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] "
+    "{% if loop.last and messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "{{ m.content }} [/INST]{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}"
+    "{% endfor %}")
+# Gemma-2-style: raises on a system message.
+GEMMA_LIKE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim "
+    "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+# Drops system messages silently.
+DROPS_SYSTEM = ("{% for m in messages %}{% if m.role != 'system' %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endif %}"
+                "{% endfor %}<|assistant|>")
+GEMMA_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "a", "b"]
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma", "drops"])
+def test_templates_without_system_support_translate_for_conversations_without_one(kind, tmp_path, go_render):
+    template, tokens, bos, eos = {"mistral": (MISTRAL_LAST_TURN_SYSTEM, SPM_TOKENS, 1, 2),
+                                  "gemma": (GEMMA_LIKE, GEMMA_TOKENS, 2, 1),
+                                  "drops": (DROPS_SYSTEM, SPM_TOKENS, 1, 2)}[kind]
+    path = write_metadata_gguf(tmp_path / f"{kind}.gguf", template=template, tokens=tokens, bos=bos, eos=eos,
+                               name="Chinese-Alpaca-2-7B")  # an authors' name: still no SYSTEM, the template has none
+    export = export_ollama(path, tmp_path)
+    assert not export.layout.supports_system and export.system is None
+    assert "system messages are not supported" in export.notes[0]
+    assert "system messages are not supported" in export.modelfile.read_text()
+    assert modelfile_values(export.modelfile, "SYSTEM") == []
+    [go] = modelfile_values(export.modelfile, "TEMPLATE")
+    bos_text, eos_text = tokens[bos], tokens[eos]
+    convs = conversations(False)
+    lead = bos_text if export.layout.bos_in_template else ""
+    for conv, prompt in zip(convs, go_render(go, convs)):
+        assert lead + prompt == render_chat_template(template, conv, bos_token=bos_text, eos_token=eos_text)
+    # a request with a system message: the TEMPLATE leaves it out (as the template that drops it does)
+    with_system = conversations(True)
+    assert go_render(go, with_system) == go_render(go, convs)
+    with pytest.raises(UsageError, match="does not support a system prompt"):
+        export_ollama(path, tmp_path, system="Be brief.")
+
+
 def test_untranslatable_templates_are_refused(tmp_path):
-    # Mistral-style: the system prompt goes into the last user turn, which no per-message layout can express.
-    mistral = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] "
-               "{% if loop.last and messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
-               "{{ m.content }} [/INST]{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}"
-               "{% endfor %}")
     shouting = "{% for m in messages %}{{ m.role }}: {{ m.content | upper }}\n{% endfor %}"
-    for i, template in enumerate([mistral, shouting]):
+    always = "{{ raise_exception('Tools are required') }}"
+    for i, template in enumerate([always, shouting]):
         path = write_metadata_gguf(tmp_path / f"bad{i}.gguf", template=template, tokens=SPM_TOKENS, bos=1, eos=2)
         with pytest.raises(UnsupportedModelError, match="cannot translate|Ollama TEMPLATE"):
             export_ollama(path, tmp_path)
@@ -550,12 +592,37 @@ def reference_go_render(request):
     return request.getfixturevalue("real_go_render") if shutil.which("go") else python_go_render
 
 
+# Ordinary text: cl3's own prose, code and evaluation text (not the dialogues, which are written in chat templates).
+DATA = Path(__file__).parent.parent / "cl3" / "data"
+ORDINARY_TEXT = "\n".join(p.read_text(encoding="utf-8") for p in [
+    DATA / "calibration" / "code.txt", DATA / "calibration" / "en_prose.txt", DATA / "calibration" / "zh_prose.txt",
+    DATA / "evaluation" / "en.txt", DATA / "evaluation" / "zh.txt"]) + "\n".join(m for t in TURNS for m in t)
+
+
+def assert_stops_are_markup(stops: list[str], jinja: str, bos: str, eos: str, special: set[str]) -> None:
+    """No stop is ordinary text: each is one of the vocabulary's special tokens, or markup that the template itself
+    writes (it is in the rendered prompt but in no message) and that is not just words and prose punctuation, nor in
+    ordinary text."""
+    conv = conversations(False)[-1]
+    rendered = render_chat_template(jinja, conv, bos_token=bos, eos_token=eos) if stops else ""
+    assert stops, "no stop at all"
+    for stop in stops:
+        if stop in special:
+            continue
+        assert stop in rendered and not any(stop in m["content"] for m in conv), stop
+        assert not re.fullmatch(r"[\w\s.,:;!?'\"()，。：；！？-]*", stop), f"{stop!r} is plain words"
+        assert not re.fullmatch(r"\W*", stop), f"{stop!r} is punctuation alone"
+        assert stop not in ORDINARY_TEXT, f"{stop!r} occurs in ordinary text"
+
+
 def test_real_world_templates(reference_go_render):
-    """Every template of llama.cpp's collection is either refused with a one-line reason or translated exactly."""
+    """Every template of llama.cpp's collection is either refused with a one-line reason or translated exactly (for
+    conversations without a system message only when the template refuses, drops or moves system messages), with
+    stops that are markup, never ordinary words."""
     templates = llama_cpp_templates()
     if not templates:
         pytest.skip("llama.cpp's source (models/templates) is not available beside the reference tools")
-    translated = {}
+    translated, refused = {}, {}
     for path in templates:
         jinja = path.read_text(encoding="utf-8")
         bos, eos = ("<|begin_of_text|>", "<|eot_id|>") if "llama" in path.name.lower() else ("<s>", "</s>")
@@ -563,17 +630,68 @@ def test_real_world_templates(reference_go_render):
             layout = analyze_chat_template(jinja, bos_token=bos, eos_token=eos)
         except UnsupportedModelError as ex:
             assert "\n" not in str(ex) and "Ollama TEMPLATE" in str(ex)
+            refused[path.stem] = str(ex)
             continue
         translated[path.stem] = layout
         template = ollama_template(layout)
-        for system in (DEFAULT_SYSTEM_PROMPT, None):
-            requests = [ollama_request(c, system) for c in conversations(False) + conversations(True)]
+        convs = conversations(False) + (conversations(True) if layout.supports_system else [])
+        for system in (DEFAULT_SYSTEM_PROMPT, None) if layout.supports_system else (None,):
+            requests = [ollama_request(c, system) for c in convs]
             for request, prompt in zip(requests, reference_go_render(template, requests)):
                 expected = render_chat_template(jinja, request, bos_token=bos, eos_token=eos)
                 assert (bos if layout.bos_in_template else "") + prompt == expected, (path.name, request)
+        info = GgufInfo(path=path, architecture="llama", name=None, organization=None, chat_template=jinja,
+                        bos_token=bos, eos_token=eos, end_of_turn_tokens=[], add_bos=True, context_length=None,
+                        sampling={}, license=None, license_name=None, license_link=None)
+        assert_stops_are_markup(stop_sequences(layout, info), jinja, bos, eos, {bos, eos})
     assert translated["meta-llama-Llama-3.3-70B-Instruct"].family == "llama3-instruct"
     assert translated["Qwen-Qwen2.5-7B-Instruct"].family == "chatml"
-    assert len(translated) >= len(templates) // 2
+    system_less = sorted(k for k, v in translated.items() if not v.supports_system)
+    assert {"google-gemma-2-2b-it", "mistralai-Mistral-Nemo-Instruct-2407"} <= set(system_less)
+    # what is still refused needs tool definitions the probes do not pass
+    assert all("tool" in k or "func" in k for k in refused), refused
+    print(f"\n{len(templates)} templates: {len(translated) - len(system_less)} translated, {len(system_less)} only "
+          f"without a system message ({', '.join(system_less)}), {len(refused)} refused ({', '.join(refused)})")
+
+
+# Hub templates whose stops used to be plain words (the first word of the text before the first user turn, the first
+# word of the next turn's header).
+DEEPSEEK_CODER = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{%- set ns = namespace(found=false) -%}{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
+    "{%- set ns.found = true -%}{%- endif -%}{%- endfor -%}{{bos_token}}{%- if not ns.found -%}"
+    "{{'You are an AI programming assistant, utilizing the Deepseek Coder model, developed by Deepseek Company, and you "
+    "only answer questions related to computer science. For politically sensitive questions, security and privacy "
+    "issues, and other non-computer science questions, you will refuse to answer\\n'}}{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{{ message['content'] }}{%- else %}"
+    "{%- if message['role'] == 'user' %}{{'### Instruction:\\n' + message['content'] + '\\n'}}{%- else %}"
+    "{{'### Response:\\n' + message['content'] + '\\n<|EOT|>\\n'}}{%- endif %}{%- endif %}{%- endfor %}"
+    "{% if add_generation_prompt %}{{'### Response:'}}{% endif %}")
+OPENCHAT = ("{{ bos_token }}{% for message in messages %}{{ 'GPT4 Correct ' + message['role'].title() + ': ' + "
+            "message['content'] + '<|end_of_turn|>'}}{% endfor %}{% if add_generation_prompt %}"
+            "{{ 'GPT4 Correct Assistant:' }}{% endif %}")
+RWKV_LIKE = ("{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n\nAssistant:"
+             "{% elif m.role == 'assistant' %} {{ m.content }}\n\n{% else %}System: {{ m.content }}\n\n{% endif %}"
+             "{% endfor %}")
+
+
+@pytest.mark.parametrize("kind", ["deepseek-coder", "openchat", "user-colon"])
+def test_stops_are_never_plain_words(kind, tmp_path, go_render):
+    template, tokens, bos, eos, expected = {
+        "deepseek-coder": (DEEPSEEK_CODER, ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<|EOT|>", "a"], 0, 2,
+                           ["<|EOT|>", "### Instruction:"]),
+        "openchat": (OPENCHAT, ["<unk>", "<s>", "</s>", "<|end_of_turn|>", "a"], 1, 3, ["<|end_of_turn|>"]),
+        "user-colon": (RWKV_LIKE, ["<unk>", "<s>", "</s>", "a"], 1, 2, ["</s>"]),
+    }[kind]
+    path = write_metadata_gguf(tmp_path / f"{kind}.gguf", template=template, tokens=tokens, bos=bos, eos=eos,
+                               add_bos=kind != "user-colon")
+    export = export_ollama(path, tmp_path)
+    stops = [v for c, v in parse_modelfile(export.modelfile.read_text()) if c == "PARAMETER stop"]
+    assert stops == expected and "You" not in stops and "GPT4" not in stops
+    assert_stops_are_markup(stops, template, tokens[bos], tokens[eos], {tokens[eos], tokens[bos]})
+    if kind == "user-colon":
+        assert any("no stop for 'User:'" in n for n in export.notes)
+    assert assert_template_matches_jinja(export.modelfile, path, go_render) == 8
 
 
 def test_literals_that_look_like_go_template_syntax(tmp_path, go_render):

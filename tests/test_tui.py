@@ -154,12 +154,16 @@ async def test_stop_keeps_the_partial_reply(make_app, reference, monkeypatch):
         pytest.fail("no seed gives a long reply")
 
     original_feed = TokenTextDecoder.feed
+    escape_pressed = threading.Event()
+    fed = [0]
 
-    def at_a_real_models_pace(self, token):  # ~200 tokens/s instead of the tiny model's thousands
-        time.sleep(0.005)
+    def held_mid_reply(self, token):  # the reply waits at its 20th token until Esc is pressed: never done before it
+        fed[0] += 1
+        if fed[0] == 20:
+            escape_pressed.wait(30)
         return original_feed(self, token)
 
-    monkeypatch.setattr(TokenTextDecoder, "feed", at_a_real_models_pace)
+    monkeypatch.setattr(TokenTextDecoder, "feed", held_mid_reply)
     app = make_app(n_ctx=2048, sampling=sampling)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
@@ -167,6 +171,7 @@ async def test_stop_keeps_the_partial_reply(make_app, reference, monkeypatch):
         await pilot.press("ctrl+j")
         await wait_for(pilot, lambda: app.screen.generating and app.screen.query(ChatMessage).last().content)
         await pilot.press("escape")
+        escape_pressed.set()
         await wait_for(pilot, lambda: not app.screen.generating)
         await pilot.pause()
         partial = app.conversation.messages[-1]

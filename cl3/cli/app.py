@@ -146,3 +146,12 @@ def progress_bar(description: str, *, unit: str = "bytes", quiet: bool = False) 
     with LazyProgress(*columns, console=err, transient=False, disable=quiet) as progress:
         task = progress.add_task(description, total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def print_problems(model, chat_template: str | None = None) -> None:
+    """After convert / export: `cl3 info --check`'s warnings and errors, one line each on stderr."""
+    from ..check import check_gguf
+
+    for finding in check_gguf(model, chat_template):
+        if finding.level in ("warning", "error"):
+            err.print(f"check: {finding.line()}", highlight=False, markup=False, soft_wrap=True)

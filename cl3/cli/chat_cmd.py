@@ -31,13 +31,20 @@ def chat(
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Longest reply, in tokens."),
     seed: int = typer.Option(-1, "--seed", help="Random seed (-1: random)."),
     resume: str = typer.Option(None, "--resume", help="Reopen a saved chat by its id (TUI)."),
+    chat_template: str = typer.Option(None, "--chat-template", help="Use this chat template instead of the GGUF's: a "
+                                      "name (chinese-alpaca-2, llama-3-instruct, llama-2-chat, chatml) or a Jinja file."),
 ) -> None:
     """Chat with a GGUF model in a terminal UI, using the model's own chat template."""
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed).validate()
     check_gguf_path(model)
+    if chat_template is not None:
+        from ..chat_templates import template_from_spec
+
+        template_from_spec(chat_template)  # a bad name or file fails before the model loads
     if prompt is not None:
-        _one_reply(model, sys.stdin.read() if prompt == "-" else prompt, system, sampling, n_ctx, n_gpu_layers, threads)
+        _one_reply(model, sys.stdin.read() if prompt == "-" else prompt, system, sampling, n_ctx, n_gpu_layers, threads,
+                   chat_template)
         return
 
     from ..tui import ChatApp
@@ -46,7 +53,7 @@ def chat(
     if resume:
         store.load(resume)  # a bad id fails here, before the TUI starts
     chat_app = ChatApp(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, system_prompt=system,
-                       sampling=sampling, store=store, resume=resume)
+                       sampling=sampling, store=store, resume=resume, chat_template=chat_template)
     chat_app.run()
     if chat_app.load_error is not None:
         raise chat_app.load_error
@@ -56,8 +63,8 @@ def chat(
 
 
 def _one_reply(model_path: Path, prompt: str, system: str, sampling: SamplingParams, n_ctx: int, n_gpu_layers: int,
-               threads: int | None) -> None:
-    model = ChatModel(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads)
+               threads: int | None, chat_template: str | None) -> None:
+    model = ChatModel(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, chat_template=chat_template)
     reply = model.reply(system, [Message("user", prompt)], sampling)
     for piece in reply:
         sys.stdout.write(piece)

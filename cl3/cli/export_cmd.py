@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 
 from ..errors import Cl3Error
-from .app import Cl3Typer, app, err, out, progress_bar
-from .options import Force, OutputDir
+from .app import Cl3Typer, app, err, out, print_problems, progress_bar
+from .options import ChatTemplate, Force, OutputDir
 
 export_app = Cl3Typer(help="Hand a GGUF to Ollama or LM Studio.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -21,28 +21,28 @@ def ollama(
     model: Path = typer.Argument(..., help="A .gguf file with a chat template."),
     output: OutputDir = None,
     name: str = typer.Option(None, "--name", help="Ollama model name (default: from the GGUF's name)."),
-    system: str = typer.Option(None, "--system", help="SYSTEM prompt; \"\" for none. Default: the Chinese-LLaMA-Alpaca "
-                               "authors' bilingual prompt."),
+    system: str = typer.Option(None, "--system", help="SYSTEM prompt; \"\" for none. Default: none (the template's "
+                               "own behaviour, including its own default system prompt), except the Chinese-LLaMA-"
+                               "Alpaca authors' bilingual prompt for their models when the template has none."),
     generation_config: Path = typer.Option(None, "--generation-config", help="HF generation_config.json (or its "
                                            "directory) for sampling defaults the GGUF does not carry."),
     license_file: Path = typer.Option(None, "--license", help="A license text to embed (default: the GGUF's "
                                       "general.license* keys)."),
     num_ctx: int = typer.Option(None, "--num-ctx", help="Context size (default: the model's training context)."),
-    chat_template: Path = typer.Option(None, "--chat-template", help="A Jinja chat template file to translate "
-                                       "instead of the GGUF's own (for GGUFs converted without one)."),
+    chat_template: ChatTemplate = None,
     create: bool = typer.Option(False, "--create", help="Run `ollama create` (or print the command if ollama is not "
                                 "installed)."),
     force: Force = False,
 ) -> None:
     """Write an Ollama Modelfile: FROM, TEMPLATE translated from the GGUF's chat template, SYSTEM, PARAMETERs, LICENSE."""
-    from ..export import DEFAULT_SYSTEM_PROMPT, export_ollama, ollama_create
+    from ..export import export_ollama, ollama_create
 
-    result = export_ollama(model, output, name=name, system=DEFAULT_SYSTEM_PROMPT if system is None else system or None,
-                           generation_config=generation_config, license_file=license_file, num_ctx=num_ctx,
-                           chat_template=chat_template, force=force)
+    result = export_ollama(model, output, name=name, system=system, generation_config=generation_config,
+                           license_file=license_file, num_ctx=num_ctx, chat_template=chat_template, force=force)
     out.print(f"wrote {escape(str(result.modelfile))} (template: {result.layout.family})", highlight=False)
-    for note in result.layout.notes:
+    for note in result.notes:
         err.print(f"note: {escape(note)}", highlight=False)
+    print_problems(model, chat_template)
     command = shlex.join(result.create_command)
     if not create:
         out.print(f"create the model with: {escape(command)}", highlight=False, soft_wrap=True)
@@ -69,9 +69,10 @@ def lmstudio(
     force: Force = False,
 ) -> None:
     """Place the GGUF in LM Studio's models folder as publisher/model/file.gguf."""
-    from ..export import export_lmstudio, read_gguf_info
+    from ..export import export_lmstudio
+    from ..metadata import read_metadata
 
-    read_gguf_info(model)  # a bad input fails before the progress bar appears
+    read_metadata(model)  # a bad input fails before the progress bar appears
     with progress_bar("copying", quiet=mode != "copy") as update:
         target = export_lmstudio(model, models_dir, publisher=publisher, model=model_name, mode=mode, force=force,
                                  progress=update)

@@ -19,7 +19,7 @@ from .hardware import (
     gpu_offload_supported,
     physical_cpu_count,
 )
-from .llama_class import eog_token_ids, prepare_for_llama
+from .llama_class import eog_token_ids, prepare_for_llama, token_piece
 from .log import log_errors_since, log_listener, mark_log
 from .model import Context, EvalCallback, Model, context_memory_plan
 from .quantization import FileType, file_types, quantize_file, quantize_plan
@@ -42,5 +42,5 @@ __all__ = [
     "GgufFile", "Model", "TensorInfo", "backend_info", "backend_label", "check_gguf_path", "context_memory_plan",
     "devices", "eog_token_ids", "file_types", "ggml_type_by_name", "ggml_type_name", "gpu_offload_supported",
     "log_errors_since", "log_listener", "mark_log", "physical_cpu_count", "prepare_for_llama", "quantize_file",
-    "quantize_plan", "tensor_array", "tensor_at", "tensor_name", "tensor_nbytes", "tensor_rows",
+    "quantize_plan", "tensor_array", "tensor_at", "tensor_name", "tensor_nbytes", "tensor_rows", "token_piece",
 ]

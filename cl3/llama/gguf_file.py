@@ -170,9 +170,9 @@ class GgufFile:
         value = getattr(self._lib, f"gguf_get_val_{suffix}")(self._ctx, kid)
         return value.value if hasattr(value, "value") else value
 
-    def is_string(self, key: str) -> bool:
+    def is_array(self, key: str) -> bool:
         kid = self._id(key)
-        return kid >= 0 and self._lib.gguf_get_kv_type(self._ctx, kid) == GGUF_STRING
+        return kid >= 0 and self._lib.gguf_get_kv_type(self._ctx, kid) == GGUF_ARRAY
 
     def array_len(self, key: str) -> int:
         kid = self._id(key)

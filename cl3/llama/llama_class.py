@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .hardware import prepare_llama_objects
 from .library import llama_cpp
+from .model import token_piece_bytes
 
 
 def prepare_for_llama() -> None:
@@ -19,3 +20,8 @@ def eog_token_ids(llm) -> frozenset[int]:
     lib = llama_cpp()
     vocab = lib.llama_model_get_vocab(llm.model)
     return frozenset(t for t in range(lib.llama_vocab_n_tokens(vocab)) if lib.llama_vocab_is_eog(vocab, t))
+
+
+def token_piece(llm, token: int, special: bool = False) -> bytes:
+    """The bytes of one token of a ``llama_cpp.Llama`` (long pieces included, unlike ``Llama.detokenize``)."""
+    return token_piece_bytes(llama_cpp().llama_model_get_vocab(llm.model), token, special)

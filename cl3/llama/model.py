@@ -24,7 +24,7 @@ EvalCallback = Callable[[GgmlTensor, bool], bool]
 FLASH_ATTN = ("auto", "on", "off")
 
 
-def model_params(*, n_gpu_layers: int = -1, no_alloc: bool = False):
+def model_params(*, n_gpu_layers: int = -1, no_alloc: bool = False, vocab_only: bool = False):
     """``llama_model_params`` as cl3 loads every model.
 
     Set field by field as llama-cpp-python's ``Llama`` does (the configuration that runs on CUDA builds): layers to
@@ -38,22 +38,25 @@ def model_params(*, n_gpu_layers: int = -1, no_alloc: bool = False):
     params.main_gpu = 0
     params.load_mode = lib.LLAMA_LOAD_MODE_NONE if no_alloc else lib.LLAMA_LOAD_MODE_MMAP
     params.no_alloc = no_alloc
-    params.use_extra_bufts = hardware.extra_buffers_allowed()
+    params.vocab_only = vocab_only
+    params.use_extra_bufts = vocab_only or hardware.extra_buffers_allowed()  # no weights: nothing to decide
     return params
 
 
 class Model:
     """A GGUF model loaded by llama.cpp. ``n_gpu_layers``: layers to offload to a GPU (negative: all; a CPU-only
-    build ignores it). ``no_alloc``: read no weight (plan memory on a weight-less GGUF)."""
+    build ignores it). ``no_alloc``: read no weight (plan memory on a weight-less GGUF). ``vocab_only``: only the
+    vocabulary (tokenize and inspect tokens; no context can be made)."""
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, no_alloc: bool = False):
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, no_alloc: bool = False,
+                 vocab_only: bool = False):
         lib = llama_cpp()
         self._lib = lib
         self.path = check_gguf_path(path)
         self._ptr = None
         mark = mark_log()
-        self._ptr = lib.llama_model_load_from_file(os.fsencode(self.path),
-                                                   model_params(n_gpu_layers=n_gpu_layers, no_alloc=no_alloc))
+        params = model_params(n_gpu_layers=n_gpu_layers, no_alloc=no_alloc, vocab_only=vocab_only)
+        self._ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
         if not self._ptr:
             raise InputError(f"llama.cpp cannot load {self.path}: {log_errors_since(mark) or 'not a model it supports'}")
         self.vocab = lib.llama_model_get_vocab(self._ptr)
@@ -84,6 +87,16 @@ class Model:
             raise LlamaError(f"tokenization failed ({n})")
         return np.ctypeslib.as_array(out)[:n].astype(np.int32)
 
+    def is_eog(self, token: int) -> bool:
+        """An end-of-generation token, as llama.cpp decides (EOS, EOT, EOM and the end-of-turn texts it knows)."""
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+
+    def is_control(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_get_attr(self.vocab, token) & self._lib.LLAMA_TOKEN_ATTR_CONTROL)
+
+    def piece(self, token: int, *, special: bool = True) -> bytes:
+        return token_piece_bytes(self.vocab, token, special)
+
     def close(self) -> None:
         if self._ptr:
             self._lib.llama_model_free(self._ptr)
@@ -94,6 +107,19 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def token_piece_bytes(vocab, token: int, special: bool) -> bytes:
+    """A token's bytes through ``llama_token_to_piece``, the buffer sized from its answer (llama-cpp-python's
+    ``Llama.detokenize`` has a fixed 32-byte buffer and returns nothing for longer pieces, its issue 2362)."""
+    lib = llama_cpp()
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = lib.llama_token_to_piece(vocab, lib.llama_token(token), buf, size, 0, special)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n  # too small: llama.cpp answers minus the size it needs
 
 
 class Context:

@@ -23,8 +23,9 @@ class ChatApp(App[None]):
                  n_threads: int | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                  sampling: SamplingParams | None = None, store: ConversationStore | None = None,
                  resume: str | None = None, export_dir: str | os.PathLike | None = None,
-                 model: ChatModel | None = None) -> None:
+                 model: ChatModel | None = None, chat_template: str | None = None) -> None:
         super().__init__()
+        self.chat_template = chat_template  # NAME|FILE instead of the GGUF's own
         self.model_path = Path(model_path)
         self.n_ctx, self.n_gpu_layers, self.n_threads = n_ctx, n_gpu_layers, n_threads
         self.sampling = sampling or SamplingParams()

@@ -126,7 +126,7 @@ class ChatScreen(Screen):
         app = self.chat_app
         try:
             model = app.model or ChatModel(app.model_path, n_ctx=app.n_ctx, n_gpu_layers=app.n_gpu_layers,
-                                           n_threads=app.n_threads)
+                                           n_threads=app.n_threads, chat_template=app.chat_template)
             model.fit_prompt(self.conversation.system_prompt, [], reserve=1)  # the system prompt must fit
         except Cl3Error as ex:
             self.post_message(ModelFailed(ex))
