@@ -140,21 +140,6 @@ def _source_gguf(src: Path, work_dir: Path, stage: Stage | None) -> Path:
     return out
 
 
-def _model_for(type_name: str, source, source_ftype: int | None, work_dir: Path, imatrix, stage: Stage | None,
-               threads: int | None = None, n_gpu_layers: int = -1) -> Path:
-    """The quantized file of ``type_name`` (made once; reused when it is already there)."""
-    from . import quantize
-
-    file_type = quantize.resolve_types([type_name])[0]
-    if file_type.ftype == source_ftype:
-        return source.path
-    out = work_dir / source.output_name(file_type)
-    if not out.exists():
-        quantize.quantize(source.path, [type_name], out=out, imatrix=imatrix, threads=threads,
-                          n_gpu_layers=n_gpu_layers, stage=stage)
-    return out
-
-
 def load_table(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -165,12 +150,37 @@ def load_table(path: Path) -> dict | None:
                          param="out") from None
 
 
-def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | os.PathLike,
-          imatrix: str | os.PathLike | bool | None = None, ctx: int = 8192, chunks: int | None = None,
-          text_file: str | os.PathLike | None = None, kld: bool = False, n_prompt: int = 512, n_gen: int = 128,
-          repetitions: int = 5, threads: int | None = None, n_gpu_layers: int = -1,
-          work_dir: str | os.PathLike | None = None, stage: Stage | None = None, on_cell: Callable[[BenchTable], None] | None = None) -> BenchTable:
-    """Measure every type and write OUT.md/.csv/.json(/.png); resumes from OUT.json when its settings match."""
+@dataclass
+class BenchJob:
+    """What every cell of a table needs, as plain values (a cell may run in another process or on another machine)."""
+
+    source: Path                    # the F32/F16/BF16 GGUF the types are quantized from
+    source_ftype: int | None        # its general.file_type (that type is the source itself)
+    base_name: str                  # {name}-{size}, for quantized file names
+    settings: BenchSettings
+    text: str                       # the evaluation text
+    imatrix: str | bool | None      # as cl3.quantize takes it
+    plain_dir: Path                 # quantized without an imatrix (and the KLD base)
+    quant_dir: Path                 # the table's quantized files (a folder of their own with an imatrix)
+
+    def model_path(self, type_name: str, *, plain: bool = False) -> Path:
+        """Where the file of ``type_name`` is (the source itself for the source's own type)."""
+        from .quantize import resolve_types
+
+        file_type = resolve_types([type_name])[0]
+        if file_type.ftype == self.source_ftype:
+            return self.source
+        directory = self.plain_dir if plain or type_name == "F16" else self.quant_dir
+        return directory / f"{self.base_name}-{file_type.name}.gguf"
+
+
+def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str | os.PathLike,
+            imatrix: str | os.PathLike | bool | None = None, ctx: int = 8192, chunks: int | None = None,
+            text_file: str | os.PathLike | None = None, kld: bool = False, n_prompt: int = 512, n_gen: int = 128,
+            repetitions: int = 5, threads: int | None = None, n_gpu_layers: int = -1,
+            work_dir: str | os.PathLike | None = None, stage: Stage | None = None) -> tuple[BenchJob, BenchTable, Path]:
+    """Check everything, convert an HF source, and start the table (with the cells of an earlier run of the same
+    settings). Returns the job, the table and the table's path stem."""
     from . import quantize
 
     src = Path(src)
@@ -206,52 +216,99 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
         table.cells = {t: c for t, c in previous.get("cells", {}).items() if t in type_names}
         table.started = previous.get("started", table.started)
 
-    source_path = _source_gguf(src, work, stage)
-    source = quantize.Source.open(source_path)
-    source_ftype = source.file_type
+    source = quantize.Source.open(_source_gguf(src, work, stage))
     # files quantized with an imatrix live apart from plain ones, so neither is ever taken for the other
     quant_dir = work
     if imatrix_name:
         quant_dir = work / f"imatrix-{hashlib.sha256(imatrix_name.encode()).hexdigest()[:8]}"
         quant_dir.mkdir(exist_ok=True)
-    base_model = None
+    job = BenchJob(source.path, source.file_type, source.base_name, settings, text, imatrix, work, quant_dir)
+    return job, table, out
+
+
+# The cells. Each step is a plain function of the job (and the model file), returning the values it measured.
+
+def quantized_model(job: BenchJob, type_name: str, stage: Stage | None = None) -> Path:
+    """The file of ``type_name``, quantized once (reused when it is already there)."""
+    from . import quantize
+
+    path = job.model_path(type_name)
+    if not path.exists():
+        imatrix = job.imatrix if type_name != "F16" else None
+        quantize.quantize(job.source, [type_name], out=path, imatrix=imatrix, threads=job.settings.threads,
+                          n_gpu_layers=job.settings.n_gpu_layers, stage=stage)
+    return path
+
+
+def size_values(model: Path) -> dict:
+    meta = read_metadata(model)
+    return {"size_gib": meta.file_size / 2**30, "size_bytes": meta.file_size, "bpw": meta.bits_per_weight,
+            "description": f"{meta.architecture} {meta.size_label} {meta.file_type_name}"}
+
+
+def perplexity_values(job: BenchJob, type_name: str, model: Path, stage: Stage | None = None) -> dict:
+    s = job.settings
+    base = job.model_path("F16") if s.kld and type_name != "F16" else None
+    with stage_progress(stage, f"{type_name}: perplexity", "chunks") as update:
+        r = measure.perplexity(model, job.text, n_ctx=s.ctx, chunks=s.chunks, threads=s.threads,
+                               n_gpu_layers=s.n_gpu_layers, kld_base=base, progress=update)
+    values = {"ppl": r.ppl, "ppl_stderr": r.stderr, "chunks": r.chunks, "scored_tokens": r.tokens,
+              "ppl_seconds": r.seconds}
+    if r.kld is not None:
+        values.update(kld_mean=r.kld.kld_mean, kld_stderr=r.kld.kld_stderr, kld_median=r.kld.kld_median,
+                      kld_p99=r.kld.kld_p99, same_top=100 * r.kld.same_top, dp_rms=100 * r.kld.dp_rms)
+    return values
+
+
+def speed_values(job: BenchJob, type_name: str, model: Path, stage: Stage | None = None) -> dict:
+    s = job.settings
+    with stage_progress(stage, f"{type_name}: speed", "runs") as update:
+        r = measure.speed(model, n_prompt=s.n_prompt, n_gen=s.n_gen, repetitions=s.repetitions, threads=s.threads,
+                          n_gpu_layers=s.n_gpu_layers, progress=update)
+    values: dict = {"threads": r.threads, "backend": r.backend.get("layers", r.backend.get("backend"))}
+    if pp := r.test("pp"):
+        values.update(pp_ms_per_token=pp.ms_per_token, pp_tokens_per_s=pp.avg_ts, pp_stdev_ts=pp.stdev_ts)
+    if tg := r.test("tg"):
+        values.update(tg_ms_per_token=tg.ms_per_token, tg_tokens_per_s=tg.avg_ts, tg_stdev_ts=tg.stdev_ts)
+    return values
+
+
+def missing_steps(cell: dict) -> list[str]:
+    """The measurements a cell still lacks: "size", "ppl", "speed"."""
+    steps = [] if "size_gib" in cell else ["size"]
+    steps += [] if "ppl" in cell else ["ppl"]
+    steps += [] if "pp_ms_per_token" in cell or "tg_ms_per_token" in cell else ["speed"]
+    return steps
+
+
+def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | os.PathLike,
+          imatrix: str | os.PathLike | bool | None = None, ctx: int = 8192, chunks: int | None = None,
+          text_file: str | os.PathLike | None = None, kld: bool = False, n_prompt: int = 512, n_gen: int = 128,
+          repetitions: int = 5, threads: int | None = None, n_gpu_layers: int = -1,
+          work_dir: str | os.PathLike | None = None, stage: Stage | None = None,
+          on_cell: Callable[[BenchTable], None] | None = None) -> BenchTable:
+    """Measure every type and write OUT.md/.csv/.json(/.png); resumes from OUT.json when its settings match.
+    Each measurement is saved as soon as it is made."""
+    job, table, out = prepare(src, types=types, out=out, imatrix=imatrix, ctx=ctx, chunks=chunks,
+                              text_file=text_file, kld=kld, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                              threads=threads, n_gpu_layers=n_gpu_layers, work_dir=work_dir, stage=stage)
     if kld:
-        base_model = _model_for("F16", source, source_ftype, work, None, stage)
-    for type_name in type_names:
+        quantized_model(job, "F16", stage)
+    for type_name in table.types:
         cell = table.cells.setdefault(type_name, {})
-        model = _model_for(type_name, source, source_ftype, quant_dir, imatrix if type_name != "F16" else None, stage,
-                           threads, n_gpu_layers)
+        model = quantized_model(job, type_name, stage)
         cell["model"] = str(model)
-        if "size_gib" not in cell:
-            meta = read_metadata(model)
-            cell.update(size_gib=meta.file_size / 2**30, size_bytes=meta.file_size, bpw=meta.bits_per_weight,
-                        description=f"{meta.architecture} {meta.size_label} {meta.file_type_name}")
-            _save(table, out)
-        if "ppl" not in cell:
-            with stage_progress(stage, f"{type_name}: perplexity", "chunks") as update:
-                use_base = base_model if kld and type_name != "F16" else None
-                r = measure.perplexity(model, text, n_ctx=ctx, chunks=chunks, threads=threads,
-                                       n_gpu_layers=n_gpu_layers, kld_base=use_base, progress=update)
-            cell.update(ppl=r.ppl, ppl_stderr=r.stderr, chunks=r.chunks, scored_tokens=r.tokens,
-                        ppl_seconds=r.seconds)
-            if r.kld is not None:
-                cell.update(kld_mean=r.kld.kld_mean, kld_stderr=r.kld.kld_stderr, kld_median=r.kld.kld_median,
-                            kld_p99=r.kld.kld_p99, same_top=100 * r.kld.same_top, dp_rms=100 * r.kld.dp_rms)
-            _save(table, out)
-        if "pp_ms_per_token" not in cell and "tg_ms_per_token" not in cell:
-            with stage_progress(stage, f"{type_name}: speed", "runs") as update:
-                s = measure.speed(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads,
-                                  n_gpu_layers=n_gpu_layers, progress=update)
-            pp, tg = s.test("pp"), s.test("tg")
-            if pp:
-                cell.update(pp_ms_per_token=pp.ms_per_token, pp_tokens_per_s=pp.avg_ts, pp_stdev_ts=pp.stdev_ts)
-            if tg:
-                cell.update(tg_ms_per_token=tg.ms_per_token, tg_tokens_per_s=tg.avg_ts, tg_stdev_ts=tg.stdev_ts)
-            cell["threads"] = s.threads
-            _save(table, out)
+        for step in missing_steps(cell):
+            if step == "size":
+                cell.update(size_values(model))
+            elif step == "ppl":
+                cell.update(perplexity_values(job, type_name, model, stage))
+            else:
+                cell.update(speed_values(job, type_name, model, stage))
+            save(table, out)
         if on_cell:
             on_cell(table)
-    _save(table, out, final=True)
+    save(table, out, final=True)
     return table
 
 
@@ -266,7 +323,8 @@ def table_file(stem: Path, extension: str) -> Path:
     return stem.with_name(stem.name + extension)
 
 
-def _save(table: BenchTable, out: Path, final: bool = False) -> None:
+def save(table: BenchTable, out: Path, final: bool = False) -> None:
+    """Write the table's JSON, CSV and Markdown (and, when it is complete, the plot) atomically."""
     with atomic_output(table_file(out, ".json")) as tmp:
         tmp.write_text(json.dumps(table.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
     with atomic_output(table_file(out, ".csv")) as tmp:
