@@ -23,9 +23,12 @@ from pathlib import Path
 from . import llama, measure
 from .errors import InputError, UsageError
 from .files import atomic_output
+from .hf import check_model_source
 from .metadata import read_metadata
-from .plan import AUTHORS_TYPES
 from .progress import Stage, stage_progress
+
+# The nine columns of the Chinese-LLaMA-Alpaca-3 table; the K-quant ones are llama-quantize's aliases for the _M mixes.
+AUTHORS_TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K"]
 
 # rows of the table: (csv key, label in the authors' layout with its unit, format, csv key of its standard error)
 ROWS = [
@@ -192,8 +195,7 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
         quantize.resolve_types([t])  # unknown names fail here, before any work
     if ctx < 16:
         raise UsageError("the context size must be at least 16", param="n_ctx")
-    if not src.exists():
-        raise InputError(f"no such file or directory: {src}")
+    check_model_source(src)
     work = Path(work_dir) if work_dir else out.parent / f"{out.name}.models"
     work.mkdir(parents=True, exist_ok=True)
 

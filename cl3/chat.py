@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import gguf
 import jinja2
 
 from . import paths
@@ -28,8 +29,6 @@ from .chat_templates import DEFAULT_SYSTEM_PROMPT, KNOWN_TEMPLATES, template_fro
 from .errors import InputError, LlamaError, UnsupportedModelError
 from .files import atomic_output
 from .metadata import file_type_name
-
-
 
 # --- messages and sampling ---------------------------------------------------------------------------------------------
 
@@ -140,11 +139,11 @@ class ChatModel:
         except (ValueError, RuntimeError) as ex:
             raise InputError(f"llama.cpp cannot load {self.path}: {log_errors_since(mark) or ex}") from None
         self.metadata: dict[str, str] = dict(self.llm.metadata)
-        self.architecture = self.metadata.get("general.architecture", "?")
+        self.architecture = self.metadata.get(gguf.Keys.General.ARCHITECTURE, "?")
         self.n_ctx = self.llm.n_ctx()
         self.eog_tokens = eog_token_ids(self.llm)
         self.bos_token_id = self.llm.token_bos()
-        self.add_bos = self.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        self.add_bos = self.metadata.get(gguf.Keys.Tokenizer.ADD_BOS, "true") != "false"
         self.template, self.template_source = self._chat_template(override)
         self._formatter = self._make_formatter()
         self.supports_system = self._accepts_system()
@@ -156,7 +155,7 @@ class ChatModel:
 
     @property
     def quant_type(self) -> str:
-        file_type = self.metadata.get("general.file_type")
+        file_type = self.metadata.get(gguf.Keys.General.FILE_TYPE)
         return file_type_name(int(file_type)) if file_type is not None else "?"
 
     def _token_text(self, token: int) -> str:
@@ -167,7 +166,7 @@ class ChatModel:
     def _chat_template(self, override) -> tuple[str, str]:
         if override is not None:
             return override.text, f"--chat-template {override.name}"
-        template = self.metadata.get("tokenizer.chat_template")
+        template = self.metadata.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
         if template:
             return template, "gguf"
         from .export import read_gguf_info

@@ -7,7 +7,6 @@ scaling carried over. Memory stays bounded by a few chunks of ~16 MiB whatever t
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Callable
@@ -20,10 +19,10 @@ import numpy as np
 from .chat_templates import KNOWN_TEMPLATES, NAME_KEY, SOURCE_KEY, TemplateChoice, family_from_vocab, template_from_spec
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
 from .files import atomic_output, check_new_output, is_directory_target, output_directory
-from .hf import Checkpoint, TensorRef, open_checkpoint
+from .hf import Checkpoint, TensorRef, check_architecture, open_checkpoint
+from .progress import quiet_logger
 from .vocab import load_vocab
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -81,6 +80,7 @@ def default_output_name(ckpt: Checkpoint, outtype: str, n_params: int) -> str:
                                   outtype.upper()) + ".gguf"
 
 
+@quiet_logger()
 def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto", *, allow_pickle: bool = False,
             pre_tokenizer: str | None = None, chat_template: str | os.PathLike | None = None, force: bool = False,
             progress: Progress | None = None) -> ConvertResult:
@@ -91,9 +91,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
     without a template in the checkpoint, the template of the family cl3 recognises from the vocabulary (if any)."""
     choice = template_from_spec(chat_template) if chat_template is not None else None
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
-    if ckpt.architecture not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(f"architecture {ckpt.architecture} is not supported "
-                                    f"(cl3 converts {', '.join(SUPPORTED_ARCHITECTURES)})")
+    check_architecture(ckpt.config)
     hp = hparams(ckpt.config)
     outtype = resolve_outtype(outtype, ckpt)
     plans = _plan_tensors(ckpt, hp, outtype)
@@ -105,7 +103,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
         out = output_directory(out) / default_output_name(ckpt, outtype, n_params)
     out = Path(out)
     check_new_output(out, force)
-    logging.getLogger("gguf").setLevel(logging.ERROR)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _metadata(ckpt, n_params).set_gguf_meta_model(writer)
     add_hparams(writer, hp, ckpt.config, outtype)
@@ -401,7 +398,6 @@ def add_hparams(writer: gguf.GGUFWriter, hp: dict, config: dict, outtype: str) -
 
 
 def _metadata(ckpt: Checkpoint, n_params: int) -> gguf.Metadata:
-    logging.getLogger("gguf.metadata").setLevel(logging.ERROR)
     meta = gguf.Metadata.load(None, ckpt.path, None, n_params)
     if meta.name is None:
         meta.name = ckpt.config.get("_name_or_path", "").split("/")[-1] or ckpt.path.name

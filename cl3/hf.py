@@ -18,6 +18,7 @@ from gguf.utility import SafetensorsLocal
 
 from .errors import InputError, UnsupportedModelError
 
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SAFETENSORS_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
 CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -69,11 +70,39 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures") or []
-        return archs[0] if archs else self.config.get("model_type", "?")
+        return architecture_of(self.config)
 
     def file_dtypes(self) -> set[str]:
         return {str(t.dtype) for t in self.tensors.values()}
+
+
+def architecture_of(config: dict) -> str:
+    archs = config.get("architectures") or []
+    return archs[0] if archs else config.get("model_type", "?")
+
+
+def check_architecture(config: dict) -> str:
+    """The checkpoint's architecture, if cl3 handles it (Llama and Mistral layouts); else UnsupportedModelError."""
+    arch = architecture_of(config)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(f"architecture {arch} is not supported (cl3 handles "
+                                    f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+    return arch
+
+
+def check_model_source(path: str | os.PathLike) -> Path:
+    """A model to quantize or bench: a GGUF file, or a Hugging Face model folder (with config.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no such GGUF file or model folder: {path}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path} is a directory, not a GGUF file nor a Hugging Face model folder "
+                             "(it has no config.json)")
+        return path
+    from .llama import check_gguf_path
+
+    return check_gguf_path(path)
 
 
 def read_json(path: Path, what: str) -> dict:

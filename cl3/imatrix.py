@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from . import llama
@@ -30,9 +31,9 @@ from .errors import InputError, LlamaError, OutputError, UsageError
 from .files import atomic_output
 from .scoring import ChunkLayout, nll, score_chunks
 
-IMATRIX_DATASETS = "imatrix.datasets"
-IMATRIX_CHUNK_COUNT = "imatrix.chunk_count"
-IMATRIX_CHUNK_SIZE = "imatrix.chunk_size"
+IMATRIX_DATASETS = gguf.Keys.IMatrix.DATASETS
+IMATRIX_CHUNK_COUNT = gguf.Keys.IMatrix.CHUNK_COUNT
+IMATRIX_CHUNK_SIZE = gguf.Keys.IMatrix.CHUNK_SIZE
 MIN_ROWS = 16  # llama-imatrix ignores matrix multiplications over fewer rows
 
 
@@ -93,7 +94,7 @@ def _read_gguf(path: Path) -> Imatrix:
         reader = gguf.GGUFReader(path)
     except Exception as ex:  # noqa: BLE001 - gguf raises ValueError, struct.error, ... on damaged files
         raise InputError(f"{path} is not a readable GGUF file ({ex})") from None
-    general_type = reader.get_field("general.type")
+    general_type = reader.get_field(gguf.Keys.General.TYPE)
     if general_type is not None and general_type.contents() != "imatrix":
         raise InputError(f"{path} is a GGUF {general_type.contents()} file, not an imatrix")
     fields = {name: reader.get_field(name) for name in (IMATRIX_DATASETS, IMATRIX_CHUNK_COUNT, IMATRIX_CHUNK_SIZE)}

@@ -11,7 +11,6 @@ export_lora_gguf(): the file llama.cpp's convert_lora_to_gguf.py writes (general
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -27,7 +26,8 @@ import numpy as np
 from .convert import permute_qk_rows
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
 from .files import atomic_output, check_new_output, is_directory_target, output_directory
-from .hf import TensorRef, index_safetensors, open_checkpoint, read_json
+from .hf import TensorRef, check_architecture, index_safetensors, open_checkpoint, read_json
+from .progress import quiet_logger
 
 Progress = Callable[[int, int], None]
 
@@ -256,9 +256,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
 
 def _check_fit(ckpt, lora: LoraAdapter, config: dict) -> int:
     """Every adapted tensor exists in the base with matching shapes; returns the merged vocabulary size."""
-    arch = ckpt.architecture
-    if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
-        raise UnsupportedModelError(f"architecture {arch} is not supported (cl3 merges into Llama-family models)")
+    arch = check_architecture(ckpt.config)
     for name, pair in lora.pairs.items():
         ref = ckpt.tensors.get(name)
         if ref is None:
@@ -352,6 +350,7 @@ class LoraGGUFResult:
     alpha: float
 
 
+@quiet_logger()
 def export_lora_gguf(adapter: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, *,
                      outtype: str = "f32", allow_pickle: bool = False, force: bool = False) -> LoraGGUFResult:
     """Write the adapter as a llama.cpp LoRA GGUF for the base model `base` (an HF directory, its config.json, or the
@@ -368,7 +367,6 @@ def export_lora_gguf(adapter: str | os.PathLike, base: str | os.PathLike, out: s
     n_layers, heads, kv_heads = _base_shape(Path(base))
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     alpha = lora.alpha
-    logging.getLogger("gguf").setLevel(logging.ERROR)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -418,22 +416,20 @@ def _gguf_encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarr
 def _base_shape(base: Path) -> tuple[int, int, int]:
     """(layers, heads, kv heads) of the base model, from an HF directory, a config.json or a GGUF."""
     if base.is_file() and base.suffix == ".gguf":
-        try:
-            reader = gguf.GGUFReader(base)
-        except (ValueError, OSError) as ex:
-            raise InputError(f"cannot read the base GGUF {base}: {ex}") from None
-        arch = reader.fields["general.architecture"].contents()
-        if arch != "llama":
-            raise UnsupportedModelError(f"the base GGUF is a {arch!r} model; cl3 exports adapters for llama models")
+        from .metadata import read_metadata
+
+        meta = read_metadata(base)
+        if meta.architecture != "llama":
+            raise UnsupportedModelError(f"the base GGUF is a {meta.architecture!r} model; cl3 exports adapters for "
+                                        "llama models")
 
         def get(key: str) -> int:
-            field_ = reader.fields.get(f"llama.{key}")
-            if field_ is None:
+            if key not in meta.hparams:
                 raise InputError(f"the base GGUF lacks llama.{key}")
-            return int(field_.contents())
+            return int(meta.hparams[key])
         heads = get("attention.head_count")
-        kv = reader.fields.get("llama.attention.head_count_kv")
-        return get("block_count"), heads, int(kv.contents()) if kv else heads
+        kv = meta.hparams.get("attention.head_count_kv")
+        return get("block_count"), heads, int(kv) if kv is not None else heads
     config = read_json(base if base.suffix == ".json" else base / "config.json", "the base model's config.json")
     try:
         heads = int(config["num_attention_heads"])

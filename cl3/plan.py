@@ -15,7 +15,6 @@ weight-less model without allocating it (``no_alloc``).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -25,11 +24,10 @@ import gguf
 import numpy as np
 
 from . import llama
-from .errors import InputError, UnsupportedModelError, UsageError
+from .errors import InputError, UsageError
+from .metadata import bits_per_weight
+from .progress import quiet_logger
 
-# The nine columns of the Chinese-LLaMA-Alpaca-3 table; the K-quant ones are llama-quantize's aliases for the _M mixes.
-AUTHORS_TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K"]
-TYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 @dataclass
 class TypePlan:
@@ -48,16 +46,6 @@ class TypePlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_type(name: str) -> str:
-    """llama-quantize's file-type name for ``name`` (case-insensitive, with its Q3_K/Q4_K/Q5_K aliases)."""
-    upper = name.strip().upper()
-    upper = TYPE_ALIASES.get(upper, upper)
-    types = llama.file_types()
-    if upper not in types:
-        raise UsageError(f"unknown quantization type {name!r}; known: {', '.join(types)}")
-    return upper
 
 
 def load_config(src: str | os.PathLike) -> tuple[dict, Path | None]:
@@ -87,6 +75,7 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+@quiet_logger()
 def write_weightless_gguf(config: dict, out: Path, *, tokenizer_dir: Path | None = None,
                           vocab_gguf: Path | None = None) -> tuple[int, dict[str, tuple[int, ...]], bool]:
     """The F16 GGUF ``cl3 convert`` would write for ``config``, with its data area a sparse hole of the right size.
@@ -96,15 +85,13 @@ def write_weightless_gguf(config: dict, out: Path, *, tokenizer_dir: Path | None
     Returns (metadata bytes, {tensor name: shape}, whether tokenizer metadata is included).
     """
     from .convert import add_hparams, expected_shapes, hparams, llama3_rope_factors, tensor_type
+    from .hf import check_architecture
 
-    arch = (config.get("architectures") or ["?"])[0]
-    if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
-        raise UnsupportedModelError(f"architecture {arch} is not supported (cl3 plans LlamaForCausalLM models)")
+    check_architecture(config)
     hp = hparams(config)
     shapes = expected_shapes(hp)
     if config.get("tie_word_embeddings", False):
         del shapes["output.weight"]
-    logging.getLogger("gguf").setLevel(logging.ERROR)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(str(config.get("_name_or_path") or "plan"))
     add_hparams(writer, hp, config, "f16")
@@ -167,7 +154,9 @@ def plan(src: str | os.PathLike, types: list[str] | None = None, *, ctx: int | N
          vocab_gguf: str | os.PathLike | None = None, progress=None) -> list[TypePlan]:
     """Size, BPW and memory at ``ctx`` for each type (default: every file type llama.cpp can write)."""
     config, folder = load_config(src)
-    names = [resolve_type(t) for t in types] if types else list(llama.file_types())
+    from .quantize import resolve_types
+
+    names = [resolve_types([t])[0].name for t in types] if types else list(llama.file_types())
     asked = types or names
     if ctx is not None and ctx < 1:
         raise UsageError("the context size must be positive")
@@ -192,7 +181,7 @@ def plan(src: str | os.PathLike, types: list[str] | None = None, *, ctx: int | N
             mem = tensor_bytes + runtime if runtime is not None else None
             plans.append(TypePlan(type=label.upper(), file_type=name, size_bytes=file_bytes,
                                   size_gib=file_bytes / 2**30, tensor_bytes=tensor_bytes,
-                                  bpw=tensor_bytes * 8 / n_params, n_params=n_params, memory_bytes=mem,
+                                  bpw=bits_per_weight(tensor_bytes, n_params), n_params=n_params, memory_bytes=mem,
                                   memory_gib=mem / 2**30 if mem is not None else None, ctx=ctx,
                                   tensor_types=counts, tokenizer=has_tokenizer))
             if progress:

@@ -7,6 +7,7 @@ Rich progress bar (unit "bytes", "chunks", "tensors", "runs"), tests and other c
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
@@ -22,3 +23,16 @@ def stage_progress(stage: Stage | None, description: str, unit: str) -> Iterator
     else:
         with stage(description, unit) as update:
             yield update
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str = "gguf") -> Iterator[None]:
+    """gguf-py's warnings (vocabulary details, metadata guesses) not on the user's terminal while the block runs;
+    the logger's level is restored afterwards, so an application that configures logging keeps its setting."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -20,6 +20,7 @@ import gguf
 from . import calibration, llama
 from .errors import InputError, OutputError, UsageError
 from .files import atomic_output, check_new_output, is_directory_target, output_directory
+from .hf import check_model_source
 from .imatrix import Imatrix, check_against_model, compute_imatrix, read_imatrix, write_imatrix
 from .metadata import read_metadata
 from .progress import Stage, stage_progress
@@ -244,8 +245,7 @@ def quantize(src: str | os.PathLike, types: str | Iterable[str], *, out: str | o
                          "calibration text)", param="imatrix")
     if imatrix_chunks is not None and imatrix_chunks < 1:
         raise UsageError("the imatrix needs at least 1 chunk", param="imatrix_chunks")
-    if not src.exists():
-        raise InputError(f"no such file or directory: {src}")
+    check_model_source(src)
     imatrix_path = Path(imatrix) if isinstance(imatrix, (str, os.PathLike)) else None
     if imatrix_path is not None and not imatrix_path.is_file():
         raise InputError(f"imatrix file not found: {imatrix_path}")

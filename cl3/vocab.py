@@ -8,7 +8,6 @@ identified from tokenizer.json's own pre-tokenizer definition (its split regex),
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +83,6 @@ def load_vocab(path: Path, vocab_size: int, pre_tokenizer: str | None = None) ->
 
 
 def _special_vocab(path: Path, n_vocab: int, load_merges: bool) -> gguf.SpecialVocab:
-    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
     try:
         return gguf.SpecialVocab(path, load_merges=load_merges, n_vocab=n_vocab)
     except (ValueError, json.JSONDecodeError) as ex:

@@ -152,7 +152,7 @@ def test_compare_with_a_published_table(table, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["bench", "missing.gguf", "--types", "Q8_0"], "no such file"),
+    (["bench", "missing.gguf", "--types", "Q8_0"], "no such GGUF file or model folder"),
     (["bench", "{model}", "--types", "Q9_9"], "unknown quantization type"),
     (["bench", "{model}", "--compare", "{bad}"], "not a table CSV"),
     (["bench", "{model}", "-o", "/no/such/dir/table"], "does not exist"),

@@ -10,7 +10,7 @@ import gguf
 import pytest
 
 from cl3 import plan
-from cl3.bench import read_table_csv
+from cl3.bench import AUTHORS_TYPES, read_table_csv
 from cl3.quantize import quantize
 
 from .conftest import one_line_error, run_cl3
@@ -48,9 +48,9 @@ def llama3_vocab_gguf() -> Path | None:
 
 
 def test_llama3_8b_bpw_row_is_reproduced(llama3_8b_dir):
-    plans = plan.plan(llama3_8b_dir, plan.AUTHORS_TYPES, ctx=None)
-    assert [p.type for p in plans] == plan.AUTHORS_TYPES
-    assert [f"{p.bpw:.2f}" for p in plans] == [f"{PUBLISHED['bpw'][t]:.2f}" for t in plan.AUTHORS_TYPES]
+    plans = plan.plan(llama3_8b_dir, AUTHORS_TYPES, ctx=None)
+    assert [p.type for p in plans] == AUTHORS_TYPES
+    assert [f"{p.bpw:.2f}" for p in plans] == [f"{PUBLISHED['bpw'][t]:.2f}" for t in AUTHORS_TYPES]
     assert all(p.n_params == 8_030_261_248 for p in plans)  # Llama-3-8B's parameter count
     for p in plans:  # without tokenizer metadata the file is a few MB (~0.007 GiB) short of the published size
         assert PUBLISHED["size_gib"][p.type] - 0.015 < p.size_gib < PUBLISHED["size_gib"][p.type]
@@ -63,9 +63,9 @@ def test_llama3_8b_size_row_is_reproduced_with_the_real_tokenizer(llama3_8b_dir)
     if vocab is None:
         pytest.skip("Llama-3's vocabulary (llama.cpp's models/ggml-vocab-llama-bpe.gguf) is not available; "
                     "set CL3_REFERENCE_SRC to a llama.cpp source tree")
-    plans = plan.plan(llama3_8b_dir, plan.AUTHORS_TYPES, ctx=8192, vocab_gguf=vocab)
-    assert [f"{p.size_gib:.2f}" for p in plans] == [f"{PUBLISHED['size_gib'][t]:.2f}" for t in plan.AUTHORS_TYPES]
-    assert [f"{p.bpw:.2f}" for p in plans] == [f"{PUBLISHED['bpw'][t]:.2f}" for t in plan.AUTHORS_TYPES]
+    plans = plan.plan(llama3_8b_dir, AUTHORS_TYPES, ctx=8192, vocab_gguf=vocab)
+    assert [f"{p.size_gib:.2f}" for p in plans] == [f"{PUBLISHED['size_gib'][t]:.2f}" for t in AUTHORS_TYPES]
+    assert [f"{p.bpw:.2f}" for p in plans] == [f"{PUBLISHED['bpw'][t]:.2f}" for t in AUTHORS_TYPES]
     kv_cache = 2 * 32 * 8192 * 8 * 128 * 2  # K and V, f16: 1 GiB at 8K context
     for p in plans:
         assert p.memory_bytes > p.tensor_bytes + kv_cache

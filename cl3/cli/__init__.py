@@ -16,12 +16,14 @@ from rich.markup import escape
 from ..errors import Cl3Error
 
 # Each module registers its commands on the app; the import order is the order `cl3 --help` lists them (pipeline order).
-from . import download_cmd, merge_cmd  # noqa: F401, I001
+# isort: off
+from . import download_cmd, merge_cmd  # noqa: F401
 from . import convert_cmd, info_cmd  # noqa: F401
 from . import imatrix_cmd, quantize_cmd  # noqa: F401
 from . import measure_cmd, bench_cmd, demo_cmd  # noqa: F401
 from . import chat_cmd, serve_cmd, export_cmd  # noqa: F401
 from . import doctor_cmd  # noqa: F401
+# isort: on
 
 from .app import app, err
 from .options import hint, modern_argv

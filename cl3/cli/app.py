@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 
 import typer
 from rich.console import Console
-from typer.core import TyperArgument, TyperCommand, TyperOption
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -21,8 +20,10 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from .. import __version__
+
 
 class Cl3Command(TyperCommand):
     """A command whose help shows metavars (N, FILE, TYPE), never Python type names (<int>, <list[str]>)."""

@@ -52,14 +52,13 @@ def bench(
 ) -> None:
     """Quantize to each type and measure Size, BPW, PPL and pp/tg speed: the authors' table, on this machine."""
     from .. import bench as bench_mod
-    from ..errors import InputError
     from ..files import is_directory_target, output_directory
+    from ..hf import check_model_source
     from ..hub import resolve_source
 
     published = bench_mod.read_table_csv(compare) if compare else None  # bad --compare fails before any work
     src = resolve_source(src)
-    if not src.exists():  # before creating the default output folder: bad input leaves nothing behind
-        raise InputError(f"no such file or directory: {src}")
+    check_model_source(src)  # before creating the default output folder: bad input leaves nothing behind
     name = src.name.removesuffix(".gguf")
     if output is None:
         output = Path("quant_tables") / name

@@ -85,7 +85,13 @@ class TensorInfo:
 
 
 def check_gguf_path(path: str | os.PathLike) -> Path:
-    """The path, if it is an existing file that starts like a GGUF; otherwise one clear InputError."""
+    """The path, if it is a complete GGUF file (header readable, tensor data all there); otherwise one clear
+    InputError, worded the same whichever command meets it."""
+    with GgufFile(path) as f:
+        return f.path
+
+
+def _check_magic(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise InputError(f"no such GGUF file: {path}")
@@ -106,7 +112,7 @@ class GgufFile:
 
     def __init__(self, path: str | os.PathLike):
         self._ctx = None
-        self.path = check_gguf_path(path)
+        self.path = _check_magic(path)
         lib = _api()
         mark = mark_log()
         self._ctx = lib.gguf_init_from_file(os.fsencode(self.path), _InitParams(True, None))

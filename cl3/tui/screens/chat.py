@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from textual import work
@@ -34,41 +34,39 @@ if TYPE_CHECKING:
 PIECE_INTERVAL = 1 / 30  # seconds: streamed text reaches the screen at most this often
 
 
+# Messages from the worker thread to the screen.
+
+@dataclass
 class ModelLoaded(TextualMessage):
-    def __init__(self, model: ChatModel) -> None:
-        super().__init__()
-        self.model = model
+    model: ChatModel
 
 
+@dataclass
 class ModelFailed(TextualMessage):
-    def __init__(self, error: Cl3Error) -> None:
-        super().__init__()
-        self.error = error
+    error: Cl3Error
 
 
+@dataclass
 class ReplyStarted(TextualMessage):
-    def __init__(self, reply: Reply) -> None:
-        super().__init__()
-        self.reply = reply
+    reply: Reply
 
 
+@dataclass
 class ReplyPiece(TextualMessage):
-    def __init__(self, text: str, n_tokens: int, context_used: int, tokens_per_second: float) -> None:
-        super().__init__()
-        self.text, self.n_tokens, self.context_used, self.tokens_per_second = (
-            text, n_tokens, context_used, tokens_per_second)
+    text: str
+    n_tokens: int
+    context_used: int
+    tokens_per_second: float
 
 
+@dataclass
 class ReplyDone(TextualMessage):
-    def __init__(self, reply: Reply) -> None:
-        super().__init__()
-        self.reply = reply
+    reply: Reply
 
 
+@dataclass
 class ReplyFailed(TextualMessage):
-    def __init__(self, error: str) -> None:
-        super().__init__()
-        self.error = error
+    error: str
 
 
 class ChatScreen(Screen):

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import ClassVar
 
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
-from textual.containers import Grid, Horizontal, Vertical
-from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label
+from textual.containers import Grid, Vertical
+from textual.widgets import Input, Label
 
 from ...chat import SamplingParams
 from ...errors import Cl3Error
+from .dialog import SaveCancelDialog
 
 LABELS = {
     "temperature": "Temperature (0 = greedy)",
@@ -25,9 +23,7 @@ LABELS = {
 }
 
 
-class SamplingScreen(ModalScreen[SamplingParams | None]):
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
-
+class SamplingScreen(SaveCancelDialog):
     def __init__(self, sampling: SamplingParams) -> None:
         super().__init__()
         self.sampling = sampling
@@ -40,12 +36,7 @@ class SamplingScreen(ModalScreen[SamplingParams | None]):
                     yield Label(LABELS[f.name])
                     kind = "integer" if f.type in ("int", int) else "number"
                     yield Input(str(getattr(self.sampling, f.name)), type=kind, id=f"sampling-{f.name}", compact=True)
-            with Horizontal(classes="buttons"):
-                yield Button("Save (Ctrl+S)", id="save", variant="primary")
-                yield Button("Cancel (Esc)", id="cancel")
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.action_save() if event.button.id == "save" else self.action_cancel()
+            yield from self.buttons()
 
     def action_save(self) -> None:
         values = {}
@@ -58,6 +49,3 @@ class SamplingScreen(ModalScreen[SamplingParams | None]):
             self.notify(f"{LABELS[f.name]}: not a number", severity="error")
         except Cl3Error as ex:
             self.notify(str(ex), severity="error")
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
