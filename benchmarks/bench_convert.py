@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import common  # noqa: F401 (puts the repository on sys.path for tests.tiny)
 import gguf
 import numpy as np
 
@@ -32,7 +33,7 @@ def build_checkpoint(path: Path) -> None:
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    from cl3.tiny import default_training_text, llama_config, train_sentencepiece
+    from tests.tiny import default_training_text, llama_config, train_sentencepiece
 
     if (path / "config.json").exists():
         return

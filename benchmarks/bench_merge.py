@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401 (puts the repository on sys.path for tests.tiny)
 import ml_dtypes
 import numpy as np
 
@@ -28,7 +29,7 @@ VOCAB = 128256
 def build(work: Path, layers: int, rank: int) -> tuple[Path, Path]:
     from safetensors.numpy import save_file
 
-    from cl3.tiny import llama_config
+    from tests.tiny import llama_config
 
     base, lora = work / "base", work / "lora"
     if (lora / "adapter_config.json").exists():

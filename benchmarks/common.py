@@ -1,10 +1,14 @@
-"""What the benchmark scripts share: the synthetic model they measure."""
+"""What the benchmark scripts share: the synthetic model they measure (built with the tests' model factory)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the benchmarks use tests/tiny.py, the test-model factory
+    sys.path.insert(0, str(REPO))
 
 
 def synthetic_f16_gguf(work: Path, hidden: int, layers: int, ffn: int) -> Path:
@@ -16,7 +20,8 @@ def synthetic_f16_gguf(work: Path, hidden: int, layers: int, ffn: int) -> Path:
         heads = max(4, hidden // 64)
         script = (
             "from cl3.convert import convert\n"
-            "from cl3.tiny import build_llama3_checkpoint\n"
+            f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "from tests.tiny import build_llama3_checkpoint\n"
             f"ckpt = build_llama3_checkpoint({str(work / f'hf-h{hidden}-l{layers}')!r}, hidden={hidden}, "
             f"layers={layers}, heads={heads}, kv_heads={max(1, heads // 4)}, ffn={ffn}, shards=1)\n"
             f"convert(ckpt.path, {str(gguf_path)!r}, 'f16')\n"

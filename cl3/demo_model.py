@@ -34,7 +34,13 @@ import numpy as np
 
 from .calibration import calibration_text
 from .errors import Cl3Error, InputError
-from .tiny import LLAMA3_SPECIAL_TOKENS, TinyCheckpoint, build_llama3_checkpoint, llama_config, train_llama3_tokenizer
+from .hf_writer import (
+    LLAMA3_SPECIAL_TOKENS,
+    BuiltCheckpoint,
+    llama_config,
+    train_llama3_tokenizer,
+    write_llama3_checkpoint,
+)
 
 DEMO_NAME = "cl3-Demo-Llama3"  # GGUF file names: Cl3-Demo-Llama3-10M-F16.gguf
 DEMO_VOCAB = 2048          # including the 16 Llama-3 special tokens
@@ -51,7 +57,7 @@ CHANNEL_SPREAD = 1.0       # σ of the log-normal RMSNorm weights (outlier chann
                            # divided by them, so the function is unchanged but weight size no longer shows importance
 
 
-def build_demo_checkpoint(out_dir: str | Path, *, seed: int = 1) -> TinyCheckpoint:
+def build_demo_checkpoint(out_dir: str | Path, *, seed: int = 1) -> BuiltCheckpoint:
     """Build the demo model as an HF checkpoint (f16 safetensors) in `out_dir`.
 
     The default seed (of the random codes) is one whose table keeps the published ordering of all nine types on the
@@ -67,8 +73,8 @@ def build_demo_checkpoint(out_dir: str | Path, *, seed: int = 1) -> TinyCheckpoi
     ids = np.array(tok.encode(text).ids, dtype=np.int64)
     config = llama_config(DEMO_VOCAB, dtype="f16", **DEMO_SHAPE)
     weights = demo_weights(bigram_log_probs(ids, DEMO_VOCAB), config, seed)
-    ckpt = build_llama3_checkpoint(out_dir, texts=docs, vocab_base=n_base, dtype="f16", shards=1, name=DEMO_NAME,
-                                   weights=weights, **DEMO_SHAPE)
+    ckpt = write_llama3_checkpoint(out_dir, weights, texts=docs, vocab_base=n_base, dtype="f16", shards=1,
+                                   name=DEMO_NAME, **DEMO_SHAPE)
     saved = type(tok).from_file(str(ckpt.path / "tokenizer.json"))
     if saved.get_vocab() != tok.get_vocab():  # the weights were made for `tok`; training must be deterministic
         raise Cl3Error("the demo tokenizer was not reproduced identically")

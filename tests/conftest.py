@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cl3.convert import convert
-from cl3.tiny import build_llama3_checkpoint, build_spm_checkpoint
+
+from .tiny import build_llama3_checkpoint, build_spm_checkpoint
 
 # Chinese-LLaMA-style vocabulary extension for the SentencePiece fixture (pieces appended after the original ones).
 CHINESE_EXTRA_PIECES = ["▁中文", "模型", "量化", "大模型", "▁我们", "天气", "公园", "电脑", "运行", "比特"]

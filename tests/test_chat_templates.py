@@ -36,7 +36,6 @@ from cl3.chat_templates import (
 from cl3.convert import convert
 from cl3.errors import UnsupportedModelError
 from cl3.export import export_ollama, render_chat_template
-from cl3.tiny import default_training_text, llama_config, random_llama_weights, train_sentencepiece, write_safetensors
 from tests.conftest import one_line_error, run_cl3
 from tests.test_export import (  # noqa: F401 (fixtures)
     go_render,
@@ -44,6 +43,8 @@ from tests.test_export import (  # noqa: F401 (fixtures)
     parse_modelfile,
     real_go_render,
 )
+
+from .tiny import default_training_text, llama_config, random_llama_weights, train_sentencepiece, write_safetensors
 
 REAL_TOKENIZER_SHA256 = "a3b8844863b200dfcca971db228e96ce388290dfcf72c15d7a9d2f604bac787c"
 VOCAB_SIZE = 55296

@@ -13,10 +13,10 @@ from llama_cpp import Llama
 
 from cl3.convert import convert
 from cl3.errors import Cl3Error
-from cl3.tiny import build_llama3_checkpoint, llama_config, random_llama_weights, write_safetensors
 
 from .conftest import run_cl3
 from .reference import llama_logits
+from .tiny import build_llama3_checkpoint, llama_config, random_llama_weights, write_safetensors
 
 BILINGUAL = [
     "Hello, world! 你好，世界！",

@@ -33,9 +33,10 @@ from cl3.export import (
     render_chat_template,
     stop_sequences,
 )
-from cl3.tiny import LLAMA2_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE
 from tests import go_template
 from tests.conftest import run_cl3
+
+from .tiny import LLAMA2_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -64,7 +64,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def tiny_f32(tmp_path_factory):
-    from cl3.tiny import build_llama3_checkpoint
+    from .tiny import build_llama3_checkpoint
 
     return build_llama3_checkpoint(tmp_path_factory.mktemp("rope") / "hf", texts=["rope 旋转位置编码 theta"] * 20,
                                    vocab_base=300, dtype="f32", shards=1, hidden=128, heads=4, kv_heads=2, ffn=256,
