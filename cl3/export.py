@@ -490,15 +490,10 @@ def sampling_parameters(info: GgufInfo, generation_config: dict | None = None) -
 
 
 def load_generation_config(path: str | os.PathLike) -> dict:
+    from .hf import read_json
+
     path = Path(path)
-    if path.is_dir():
-        path = path / "generation_config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"no such file: {path}") from None
-    except (OSError, ValueError) as ex:
-        raise InputError(f"cannot read {path}: {ex}") from None
+    return read_json(path / "generation_config.json" if path.is_dir() else path, "generation config")
 
 
 def stop_sequences(layout: ChatLayout, info: GgufInfo) -> list[str]:

@@ -112,6 +112,8 @@ def read_json(path: Path, what: str) -> dict:
         raise InputError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as ex:
         raise InputError(f"{path.name} is not valid JSON ({ex})") from None
+    except OSError as ex:
+        raise InputError(f"cannot read {path}: {ex.strerror}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path.name} is not a JSON object")
     return data

@@ -14,7 +14,6 @@ weight-less model without allocating it (``no_alloc``).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ import numpy as np
 
 from . import llama
 from .errors import InputError, UsageError
+from .hf import read_json
 from .metadata import bits_per_weight
 from .progress import quiet_logger
 
@@ -52,27 +52,17 @@ def load_config(src: str | os.PathLike) -> tuple[dict, Path | None]:
     """config.json of a local checkpoint directory, a config.json path, or a hub repo id (small files only)."""
     path = Path(src)
     if path.is_file() and path.name.endswith(".json"):
-        return _read_config(path), path.parent
+        return read_json(path, "config.json"), path.parent
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(f"{path} has no config.json")
-        return _read_config(path / "config.json"), path
+        return read_json(path / "config.json", "config.json"), path
     from .hub import is_repo_id, resolve_source
 
     if not path.exists() and is_repo_id(str(src)):
         folder = resolve_source(str(src), config_only=True)
-        return _read_config(folder / "config.json"), folder
+        return read_json(folder / "config.json", "config.json"), folder
     raise InputError(f"not a model directory, config.json or hub repo id: {src}")
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as ex:
-        raise InputError(f"cannot read {path}: {ex}") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path} is not a JSON object")
-    return config
 
 
 @quiet_logger()

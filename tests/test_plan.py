@@ -106,7 +106,7 @@ def test_cli_plan_json(tiny_llama3_dir):
 @pytest.mark.parametrize("args, message", [
     (["plan", "/no/such/dir"], "not a model directory"),
     (["plan", "{dir}", "--types", "Q9_9"], "unknown quantization type"),
-    (["plan", "{bad}"], "cannot read"),
+    (["plan", "{bad}"], "config.json is not valid JSON"),
 ])
 def test_cli_plan_bad_input_is_one_line(args, message, tiny_llama3_dir, tmp_path):
     bad = tmp_path / "config.json"
