@@ -350,6 +350,7 @@ class ImatrixResult:
     imatrix: Imatrix
     perplexity: float | None
     chunks_done: int       # chunks evaluated by this run (not counting resumed ones)
+    backend: str = "CPU"   # where the layers ran
 
 
 def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx: int = 512,
@@ -432,7 +433,7 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
                 checkpoint(saved)
             raise
     perplexity = math.exp(sums["nll"] / sums["count"]) if sums["count"] else None
-    return ImatrixResult(saved, perplexity, n_chunks)
+    return ImatrixResult(saved, perplexity, n_chunks, m.backend)
 
 
 def model_weights(model: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -456,6 +457,7 @@ class ImatrixRun:
     imatrix: Imatrix
     perplexity: float | None = None   # running PPL of the evaluated text (None when only combining)
     combined: int = 0                  # earlier imatrices added in
+    backend: str | None = None         # where the layers ran (None when only combining)
 
 
 def default_output(model: Path) -> Path:
@@ -532,7 +534,7 @@ def make_imatrix(model: str | os.PathLike | None, texts: list[str | os.PathLike]
     except KeyboardInterrupt:
         raise Interrupted(out, saved["chunks"]) from None
     write_imatrix(result.imatrix, out)
-    return ImatrixRun(out, result.imatrix, result.perplexity, len(in_files))
+    return ImatrixRun(out, result.imatrix, result.perplexity, len(in_files), result.backend)
 
 
 @contextlib.contextmanager

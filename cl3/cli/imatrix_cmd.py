@@ -63,7 +63,7 @@ def imatrix(
                 err.print("interrupted before the first chunk completed; nothing saved")
             raise typer.Exit(130) from None
     what = f"combined from {run.combined} files" if model is None else (
-        f"perplexity {run.perplexity:.4f}" if run.perplexity else "")
+        f"perplexity {run.perplexity:.4f}, {run.backend}" if run.perplexity else run.backend)
     out.print(f"wrote {run.path} ({len(run.imatrix.entries)} entries, {run.imatrix.chunk_count} chunks of "
               f"{run.imatrix.chunk_size or ctx_size} tokens{', ' + what if what else ''})",
               highlight=False, soft_wrap=True)
