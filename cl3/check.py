@@ -38,9 +38,9 @@ def check_gguf(path: str | os.PathLike, chat_template: str | os.PathLike | None 
     path = check_gguf_path(path)
     if chat_template is not None:
         template_from_spec(chat_template)  # a bad name or file is a usage error, not a finding
-    meta = {k: str(v) for k, v in read_metadata(path).values.items()}
+    meta = read_metadata(path)
     info = read_gguf_info(path)
-    found = _pre_tokenizer(meta) + _rope(meta, info.architecture)
+    found = _pre_tokenizer(meta) + _rope(meta)
     missing = _missing_byte_token(info.tokenizer_model, info.tokens)
     if missing is not None:  # llama.cpp aborts the process when it tokenizes such a byte
         return [*found, Finding("error", f"the vocabulary has no token for byte {missing!r}: llama.cpp cannot "
@@ -169,10 +169,10 @@ def _double_bos(info, vocab, rendered: str) -> list[Finding]:
     return []
 
 
-def _pre_tokenizer(meta: dict[str, str]) -> list[Finding]:
-    if meta.get("tokenizer.ggml.model") != "gpt2":
+def _pre_tokenizer(meta) -> list[Finding]:
+    if meta.tokenizer_model != "gpt2":
         return []
-    pre = meta.get("tokenizer.ggml.pre")
+    pre = meta.pre_tokenizer
     if pre in (None, "", "default"):
         return [Finding("error", f"the BPE vocabulary has no pre-tokenizer (tokenizer.ggml.pre = {pre or 'missing'}): "
                                  "llama.cpp splits text the GPT-2 way, unlike the model's tokenizer",
@@ -180,26 +180,26 @@ def _pre_tokenizer(meta: dict[str, str]) -> list[Finding]:
     return [Finding("ok", f"pre-tokenizer {pre}")]
 
 
-def _rope(meta: dict[str, str], arch: str) -> list[Finding]:
+def _rope(meta) -> list[Finding]:
+    hp = meta.hparams
+
     def number(key: str) -> float | None:
         try:
-            return float(meta[f"{arch}.{key}"])
-        except (KeyError, ValueError):
+            return float(hp[key])
+        except (KeyError, TypeError, ValueError):
             return None
 
-    hp = {"context_length": meta.get(f"{arch}.context_length"),
-          "rope.scaling.original_context_length": meta.get(f"{arch}.rope.scaling.original_context_length")}
-    kind = meta.get(f"{arch}.rope.scaling.type")
+    kind = hp.get("rope.scaling.type")
     factor = number("rope.scaling.factor")
     base = number("rope.freq_base")
+    orig = hp.get("rope.scaling.original_context_length")
     if kind in (None, "none"):
         return [Finding("ok", f"rope: base {base:g}, no scaling" if base else "rope: no scaling")]
     if kind not in ("linear", "yarn", "longrope"):
         return [Finding("error", f"rope scaling type {kind!r} is unknown to llama.cpp", "cl3 convert SRC")]
     if not factor or factor <= 0:
         return [Finding("error", f"rope scaling {kind} without a factor (rope.scaling.factor)", "cl3 convert SRC")]
-    if kind == "yarn" and not hp.get("rope.scaling.original_context_length"):
+    if kind == "yarn" and not orig:
         return [Finding("error", "YaRN rope scaling without rope.scaling.original_context_length", "cl3 convert SRC")]
-    orig = hp.get("rope.scaling.original_context_length")
     extra = f", original context {orig}" if orig else ""
     return [Finding("ok", f"rope: {kind} ×{factor:g}{extra}, context_length {hp.get('context_length')}")]
