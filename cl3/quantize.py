@@ -276,7 +276,7 @@ def quantize(src: str | os.PathLike, types: str | Iterable[str], *, out: str | o
         elif imatrix is True:
             path, reused = builtin_imatrix(source, cache_dir, threads=threads, n_gpu_layers=n_gpu_layers,
                                            chunks=imatrix_chunks, stage=stage)
-            choice = load_imatrix_for(source, path)
+            choice = load_imatrix_for(source, path)  # read back: exactly the file's float32 values, as llama-quantize
             result.imatrix_file, result.imatrix_reused = path, reused
 
         for file_type, output in zip(file_types, outputs):
