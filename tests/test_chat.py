@@ -242,7 +242,7 @@ def test_missing_and_corrupt_model_files(tmp_path, tiny_llama3_gguf):
         ChatModel(tmp_path / "notes.txt")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(tiny_llama3_gguf.read_bytes()[: tiny_llama3_gguf.stat().st_size // 2])
-    with pytest.raises(InputError, match="cannot load"):
+    with pytest.raises(InputError, match="is truncated"):
         ChatModel(truncated)
 
 

@@ -290,7 +290,7 @@ async def test_corrupt_model_ends_the_app_with_one_clear_error(make_app, tmp_pat
     app = make_app(model_path=corrupt)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.load_error is not None)
-    assert isinstance(app.load_error, InputError) and "cannot load" in str(app.load_error)
+    assert isinstance(app.load_error, InputError) and "not a readable GGUF file" in str(app.load_error)
     assert app.return_code == 1
 
 
