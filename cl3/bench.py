@@ -343,12 +343,12 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else spec.format(value)
 
 
-def _cell_text(table: BenchTable, type_name: str, row: tuple[str, str, str, str | None]) -> str:
+def _cell_text(table: BenchTable, type_name: str, row: tuple[str, str, str, str | None], sep: str = " ") -> str:
     """A value as the Markdown and Rich tables show it, with its standard error: 5.130 ± 0.021."""
     key, _label, spec, err_key = row
     text = _fmt(table.value(type_name, key), spec)
     err = table.value(type_name, err_key) if err_key and text else None
-    return f"{text} ± {spec.format(err)}" if err is not None else text
+    return f"{text}{sep}± {spec.format(err)}" if err is not None else text
 
 
 def render_csv(table: BenchTable) -> str:
@@ -390,11 +390,12 @@ def render_rich(table: BenchTable):
     from rich.table import Table
 
     t = Table(title=f"{table.name} ({table.machine.get('backend')}, ctx {table.settings.ctx})")
-    t.add_column("", no_wrap=True)
+    rows = table.rows()
+    t.add_column("", no_wrap=True, min_width=max((len(r[1]) for r in rows), default=0))
     for name in table.types:
         t.add_column(name, justify="right", no_wrap=True, overflow="fold")
-    for row in table.rows():
-        t.add_row(row[1], *[_cell_text(table, n, row) for n in table.types])
+    for row in rows:  # a value's standard error on the line below it keeps the columns narrow
+        t.add_row(row[1], *[_cell_text(table, n, row, sep="\n") for n in table.types])
     return t
 
 

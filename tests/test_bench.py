@@ -95,7 +95,11 @@ def test_ppl_is_shown_with_its_standard_error(table):
     console = Console(record=True, width=200)
     console.print(bench.render_rich(t))
     shown = console.export_text()
-    assert all(f"{t.cells[n]['ppl']:.3f} ± {t.cells[n]['ppl_stderr']:.3f}" in shown for n in t.types)
+    lines = shown.splitlines()  # the error sits under its value, in the same column
+    for n in t.types:
+        value, err = f"{t.cells[n]['ppl']:.3f}", f"± {t.cells[n]['ppl_stderr']:.3f}"
+        row = next(i for i, line in enumerate(lines) if value in line)
+        assert err in lines[row + 1] and lines[row + 1].index(err) + len(err) == lines[row].index(value) + len(value)
 
 
 def test_csv_and_markdown_sizes_share_their_unit(table):
