@@ -287,6 +287,16 @@ class ChatModel:
         self.llm.close()
 
 
+def default_system_prompt(path: str | os.PathLike) -> str:
+    """The system prompt `cl3 chat` starts with: the Chinese-LLaMA-Alpaca authors' prompt for their models (as their
+    own chat scripts do), else none, so the template's own behaviour (its default system prompt, if any) applies."""
+    from .chat_templates import authors_model
+    from .export import read_gguf_info
+
+    info = read_gguf_info(path)
+    return DEFAULT_SYSTEM_PROMPT if authors_model(info.name, info.family) else ""
+
+
 def _next_turn_start(history: Sequence[Message], start: int) -> int | None:
     """Index of the next user message after ``start``: dropping up to there drops one whole turn."""
     return next((i for i in range(start + 1, len(history)) if history[i].role == "user"), None)

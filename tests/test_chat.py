@@ -18,6 +18,7 @@ from cl3.chat import (
     Message,
     SamplingParams,
     TokenTextDecoder,
+    default_system_prompt,
     export_markdown,
 )
 from cl3.errors import InputError, UnsupportedModelError
@@ -259,7 +260,9 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, tiny_llama3_gguf):
 def test_cli_prompt_streams_one_reply_to_stdout(tiny_llama3_gguf):
     result = run_cl3("chat", tiny_llama3_gguf, "-p", "你好", "--seed", "5", "-n", "16", "-c", "512")
     assert result.returncode == 0, result.stderr
-    expected = ChatModel(tiny_llama3_gguf, n_ctx=512).reply(DEFAULT_SYSTEM_PROMPT, [Message("user", "你好")],
+    # a model not by the Chinese-LLaMA-Alpaca authors starts without a system prompt (its template's own behaviour)
+    assert default_system_prompt(tiny_llama3_gguf) == ""
+    expected = ChatModel(tiny_llama3_gguf, n_ctx=512).reply("", [Message("user", "你好")],
                                                            SamplingParams(seed=5, max_tokens=16))
     assert result.stdout == "".join(expected) + "\n"
 

@@ -243,6 +243,9 @@ def test_chat_prompt_tokens_are_the_authors(alpaca2):
 
 def test_cli_chat_answers_through_the_alpaca2_template_with_long_tokens(alpaca2):
     _, path, sp, real = alpaca2
+    from cl3.chat import default_system_prompt
+
+    assert default_system_prompt(path) == DEFAULT_SYSTEM_PROMPT  # the authors' model: their prompt, as in their scripts
     proc = run_cl3("chat", path, "-p", "你好", "--temp", "0", "-n", "3", "-c", "512")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == LONG * 3 + "\n"

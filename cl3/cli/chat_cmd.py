@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..chat import DEFAULT_SYSTEM_PROMPT, ChatModel, ConversationStore, Message, SamplingParams
+from ..chat import ChatModel, ConversationStore, Message, SamplingParams, default_system_prompt
 from ..llama import check_gguf_path
 from .app import app, err
 from .options import GpuLayers, Threads
@@ -18,7 +18,8 @@ from .options import GpuLayers, Threads
 def chat(
     model: Path = typer.Argument(..., help="The GGUF model file.", show_default=False),
     prompt: str = typer.Option(None, "--prompt", "-p", help="No TUI: stream one reply to this prompt to stdout ('-': read stdin)."),
-    system: str = typer.Option(DEFAULT_SYSTEM_PROMPT, "--system", "-s", help="System prompt."),
+    system: str = typer.Option(None, "--system", "-s", help="System prompt (default: the Chinese-LLaMA-Alpaca authors' "
+                               "prompt for their models, none for others: the template's own behaviour applies)."),
     n_ctx: Annotated[int, typer.Option("-c", "--ctx-size", metavar="N",
                                        help="Context size in tokens (0: the model's training context).")] = 4096,
     n_gpu_layers: GpuLayers = -1,
@@ -42,6 +43,8 @@ def chat(
         from ..chat_templates import template_from_spec
 
         template_from_spec(chat_template)  # a bad name or file fails before the model loads
+    if system is None:
+        system = default_system_prompt(model)
     if prompt is not None:
         _one_reply(model, sys.stdin.read() if prompt == "-" else prompt, system, sampling, n_ctx, n_gpu_layers, threads,
                    chat_template)
