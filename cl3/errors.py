@@ -43,3 +43,9 @@ class OutputExistsError(OutputError):
     def __init__(self, path) -> None:
         self.path = path
         super().__init__(f"{path} already exists", param="force")
+
+
+class Interrupted(Cl3Error):
+    """The user stopped a run (Ctrl-C); the message says what was kept."""
+
+    exit_code = 130

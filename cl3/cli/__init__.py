@@ -13,7 +13,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from ..errors import Cl3Error
+from ..errors import Cl3Error, Interrupted
 
 # Each module registers its commands on the app; the import order is the order `cl3 --help` lists them (pipeline order).
 # isort: off
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     args = modern_argv(sys.argv[1:] if argv is None else list(argv))
     try:
         code = app(args=args, prog_name="cl3", standalone_mode=False)
+    except Interrupted as ex:
+        err.print(f"interrupted: {escape(str(ex))}", highlight=False, soft_wrap=True)
+        sys.exit(ex.exit_code)
     except Cl3Error as ex:
         if debug:
             raise
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         command = ex.ctx.command_path if ex.ctx is not None else "cl3"
         _error(f"{ex.format_message()} (see `{command} --help`)")
         sys.exit(2)
-    except (KeyboardInterrupt, _click.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)
     except _click.ClickException as ex:
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _error(f"internal error: {type(ex).__name__}: {ex} (set CL3_DEBUG=1 for the traceback)", label="")
         sys.exit(70)
+    if code == 130:  # typer turns Ctrl-C into exit code 130
+        err.print("interrupted")
     sys.exit(code or 0)
 
 

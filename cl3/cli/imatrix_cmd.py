@@ -42,6 +42,7 @@ def imatrix(
 
     Default output: MODEL.imatrix.gguf beside the model (default file name inside a folder given as -o DIR/).
     """
+    from .. import errors
     from ..imatrix import Interrupted, make_imatrix
 
     columns = [TextColumn("imatrix"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeElapsedColumn(),
@@ -57,11 +58,9 @@ def imatrix(
         except Interrupted as ex:
             progress.stop()
             if ex.saved_chunks:
-                err.print(f"interrupted: saved {ex.saved_chunks} chunks to {ex.path}; continue with --resume",
-                          highlight=False)
-            else:
-                err.print("interrupted before the first chunk completed; nothing saved")
-            raise typer.Exit(130) from None
+                raise errors.Interrupted(f"saved {ex.saved_chunks} chunks to {ex.path}; continue with --resume") \
+                    from None
+            raise errors.Interrupted("before the first chunk completed; nothing saved") from None
     what = f"combined from {run.combined} files" if model is None else (
         f"perplexity {run.perplexity:.4f}, {run.backend}" if run.perplexity else run.backend)
     out.print(f"wrote {run.path} ({len(run.imatrix.entries)} entries, {run.imatrix.chunk_count} chunks of "
