@@ -13,7 +13,10 @@ import typer
 from rich.table import Table
 
 from .app import BareImatrixCommand, app, err, imatrix_choice, out, progress_bar
-from .options import Chunks, CtxSize, GpuLayers, NGen, NPrompt, Quiet, Repetitions, TextFile, Threads, Types
+from .options import (FLAGS, Chunks, CtxSize, GpuLayers, NGen, NPrompt, Quiet, Repetitions, TextFile, Threads,
+                      Types)
+
+FLAGS.update(ray="--ray", shared="--shared", ray_cpus="--ray-cpus")  # bench_ray's parameters, as spelled here
 
 
 def _size(n_bytes: int) -> str:

@@ -60,7 +60,6 @@ FLAGS = {"imatrix": "--imatrix", "imatrix_chunks": "--imatrix-chunks", "n_ctx": 
          "repetitions": "-r/--repetitions", "out": "-o/--output", "output_tensor_type": "--output-tensor-type",
          "token_embedding_type": "--token-embedding-type", "dtype": "--dtype", "source": "--source",
          "outtype": "--outtype", "system": "--system"}
-FLAGS.update(ray="--ray", shared="--shared", ray_cpus="--ray-cpus")  # cl3 bench on a Ray cluster
 
 
 def hint(param: str | None) -> str | None:
