@@ -10,6 +10,7 @@ and, when matplotlib is installed, NAME.png (size vs perplexity, and speed).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -165,6 +166,7 @@ class BenchJob:
     imatrix: str | bool | None      # as cl3.quantize takes it
     plain_dir: Path                 # quantized without an imatrix (and the KLD base)
     quant_dir: Path                 # the table's quantized files (a folder of their own with an imatrix)
+    kld_base: Path | None = None    # F16's logits made once by kld_base_logits (else measured from the F16 model)
 
     def model_path(self, type_name: str, *, plain: bool = False) -> Path:
         """Where the file of ``type_name`` is (the source itself for the source's own type)."""
@@ -250,7 +252,7 @@ def size_values(model: Path) -> dict:
 
 def perplexity_values(job: BenchJob, type_name: str, model: Path, stage: Stage | None = None) -> dict:
     s = job.settings
-    base = job.model_path("F16") if s.kld and type_name != "F16" else None
+    base = (job.kld_base or job.model_path("F16")) if s.kld and type_name != "F16" else None
     with stage_progress(stage, f"{type_name}: perplexity", "chunks") as update:
         r = measure.perplexity(model, job.text, n_ctx=s.ctx, chunks=s.chunks, threads=s.threads,
                                n_gpu_layers=s.n_gpu_layers, kld_base=base, progress=update)
@@ -273,6 +275,16 @@ def speed_values(job: BenchJob, type_name: str, model: Path, stage: Stage | None
     if tg := r.test("tg"):
         values.update(tg_ms_per_token=tg.ms_per_token, tg_tokens_per_s=tg.avg_ts, tg_stdev_ts=tg.stdev_ts)
     return values
+
+
+def kld_base_logits(job: BenchJob, out: Path, stage: Stage | None = None) -> Path:
+    """F16's token distributions on the text, written to ``out`` (llama-perplexity --kl-divergence-base) with the
+    settings perplexity_values uses; a job whose ``kld_base`` is this file measures KLD without running F16 again."""
+    s = job.settings
+    with stage_progress(stage, "F16: KLD base", "chunks") as update:
+        measure.save_base_logits(job.model_path("F16"), out, job.text, n_ctx=s.ctx, chunks=s.chunks, threads=s.threads,
+                                 n_gpu_layers=s.n_gpu_layers, force=True, progress=update)
+    return Path(out)
 
 
 def missing_steps(cell: dict) -> list[str]:
@@ -323,6 +335,14 @@ def table_stem(out: str | os.PathLike) -> Path:
 def table_file(stem: Path, extension: str) -> Path:
     """stem + extension (Path.with_suffix would replace '.3M-F16' in M2-7.3M-F16)."""
     return stem.with_name(stem.name + extension)
+
+
+def combine(tables: list[BenchTable], name: str) -> BenchTable:
+    """Several sources' tables as one: a column per source and type ("name:TYPE"), the first table's settings."""
+    first = tables[0]
+    cells = {f"{t.name}:{k}": dict(v) for t in tables for k, v in t.cells.items() if k in t.types}
+    return dataclasses.replace(first, name=name, source=", ".join(t.source for t in tables),
+                               types=[f"{t.name}:{k}" for t in tables for k in t.types], cells=cells)
 
 
 def save(table: BenchTable, out: Path, final: bool = False) -> None:
