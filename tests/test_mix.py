@@ -90,7 +90,7 @@ def demo_sensitivity(trained_demo, tmp_path_factory):
     """Seed 1's sensitivity in the anchors mode (every tensor measured at Q2_K/Q4_K/Q6_K), cached like a user's."""
     f16, imatrix = trained_demo(1)
     im = read_imatrix(imatrix).importances()
-    return mix.sensitivity(f16, importances=im, imatrix_name=str(imatrix), mode="anchors", chunks=3, threads=2)
+    return mix.sensitivity(f16, importances=im, imatrix_name=str(imatrix), mode="anchors", chunks=4, threads=2)
 
 
 @pytest.mark.slow
@@ -131,7 +131,7 @@ def test_sensitivity_is_cached_and_complete(trained_demo, demo_sensitivity):
         # the output has no imatrix entry: no type ggml cannot make without one
         assert ("IQ2_XS" in g.candidates) == (g.name != "output.weight" and g.name != "token_embd.weight")
     again = mix.sensitivity(f16, importances=read_imatrix(imatrix).importances(), imatrix_name=str(imatrix),
-                            mode="anchors", chunks=3)
+                            mode="anchors", chunks=4)
     assert again.to_dict() == sens.to_dict()
 
 
@@ -177,7 +177,7 @@ def acceptance(trained_demo, reference_bin, tmp_path_factory):
                            capture_output=True)
             size = standard.stat().st_size
             r = quantize(f16, target=mix.Target.size(size), imatrix=imatrix, out=root / f"demo{seed}-mix-{name}.gguf",
-                         measure="anchors", sensitivity_chunks=3, threads=2)
+                         measure="anchors", sensitivity_chunks=4, threads=2)
             results[(seed, name)] = {"size": size, "mix_size": r.outputs[0].stat().st_size,
                                      "planned": r.plan.size_bytes, "standard_kld": kld(standard),
                                      "mix_kld": kld(r.outputs[0]), "mix": r.mix, "imatrix": imatrix, "f16": f16}

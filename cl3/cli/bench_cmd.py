@@ -30,8 +30,15 @@ def bench(
                                                            "or hub repo id.")],
     types: Types = None,
     imatrix: Annotated[Optional[str], typer.Option(
-        "--imatrix", metavar="[FILE]", help="Quantize with this importance matrix; alone: compute one on cl3's "
-                                            "built-in calibration text (cached).")] = None,
+        "--imatrix", metavar="[FILE|both]", help="Quantize with this importance matrix; alone: compute one on cl3's "
+                                                 "built-in calibration text (cached); both: each type with and "
+                                                 "without that one, the better kept and marked.")] = None,
+    mix: Annotated[Optional[list[str]], typer.Option(
+        "--mix", metavar="TYPES", help="Add cl3's per-tensor mixes at the file sizes of these types (columns "
+                                       "mix@TYPE); comma-separated or repeated.")] = None,
+    measure: Annotated[str, typer.Option(
+        "--measure", metavar="MODE", help="The mixes' sensitivity: auto, all, anchors, sample or proxy (see cl3 "
+                                          "quantize --measure).")] = "auto",
     ctx_size: CtxSize = 8192,
     chunks: Chunks = None,
     text: TextFile = None,
@@ -71,9 +78,12 @@ def bench(
     def stage(description: str, unit: str):
         return progress_bar(description, unit=unit, quiet=quiet)
 
-    table = bench_mod.bench(src, types=_split_types(types), out=output, imatrix=imatrix_choice(imatrix),
-                            ctx=ctx_size, chunks=chunks, text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen,
-                            repetitions=repetitions, threads=threads, n_gpu_layers=n_gpu_layers, stage=stage)
+    both = imatrix == "both"
+    table = bench_mod.bench(src, types=_split_types(types), out=output,
+                            imatrix=True if both else imatrix_choice(imatrix), ctx=ctx_size, chunks=chunks,
+                            text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                            threads=threads, n_gpu_layers=n_gpu_layers, imatrix_both=both, mix=_split_types(mix),
+                            mix_measure=measure, stage=stage)
     out.print(bench_mod.render_rich(table))
     stem = bench_mod.table_stem(output)
     written = [bench_mod.table_file(stem, s) for s in bench_mod.TABLE_EXTENSIONS]
