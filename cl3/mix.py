@@ -52,6 +52,7 @@ KV_PREDICTED = "cl3.mix.kld_predicted"
 KV_MEASURED = "cl3.mix.kld_measured"
 KV_TEXT = "cl3.mix.kld_text"
 BLOCK_ELEMENTS = 1 << 22  # rows are quantized in blocks of about this many weights (bounded memory)
+PROXY_ELEMENTS = 1 << 20  # the proxy of a larger tensor is estimated on evenly spread rows (scaled up)
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
 
 
@@ -217,9 +218,13 @@ def sensitivity_path(src: Path, cache_dir: Path, key: str) -> Path:
     return cache_dir / f"{src.name.removesuffix('.gguf')}.{key[:16]}.sensitivity.json"
 
 
-def _blocks(rows: int, row_length: int) -> list[tuple[int, int]]:
+def _row_blocks(rows: int, row_length: int) -> tuple[list[np.ndarray], float]:
+    """Row indices to quantize, in blocks of about BLOCK_ELEMENTS weights, and the factor that scales their error to
+    the whole tensor: every row up to PROXY_ELEMENTS weights, else evenly spread rows."""
+    n = min(rows, max(1, PROXY_ELEMENTS // row_length))
+    which = np.unique(np.linspace(0, rows - 1, n).round().astype(np.int64))
     step = max(1, BLOCK_ELEMENTS // row_length)
-    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+    return [which[i: i + step] for i in range(0, len(which), step)], rows / len(which)
 
 
 class _Tensors:
@@ -232,12 +237,13 @@ class _Tensors:
         self.path = path
         self.map = np.memmap(path, dtype=np.uint8, mode="r")
 
-    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    def rows(self, name: str, which: np.ndarray) -> np.ndarray:
+        """The rows ``which`` of tensor ``name`` as float32."""
         t = self.infos[name]
-        row_bytes = t.nbytes // (t.n_elements // t.ne[0])
-        at = self.data_offset + t.offset + start * row_bytes
-        return llama.dequantize_rows(t.ggml_type, self.map[at: at + (stop - start) * row_bytes], stop - start,
-                                     t.ne[0])
+        n_rows = t.n_elements // t.ne[0]
+        at = self.data_offset + t.offset
+        data = self.map[at: at + t.nbytes].reshape(n_rows, t.nbytes // n_rows)[which]
+        return llama.dequantize_rows(t.ggml_type, data, len(which), t.ne[0])
 
 
 def _round_trip(t: int, rows: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
@@ -251,15 +257,16 @@ def _proxies(tensors: _Tensors, group: Group, weights: np.ndarray | None, pool) 
     col = weights if weights is not None else np.ones(n, np.float32)
     types = {name: llama.ggml_type_by_name(name) for name in group.candidates}
 
-    def block(span):
-        w = tensors.rows(group.name, *span)
+    def block(which):
+        w = tensors.rows(group.name, which)
         return {name: float((np.square(_round_trip(t, w, weights) - w) * col).sum(dtype=np.float64))
                 for name, t in types.items()}
 
+    blocks, scale = _row_blocks(rows, n)
     totals = dict.fromkeys(types, 0.0)
-    for part in pool.map(block, _blocks(rows, n)):
+    for part in pool.map(block, blocks):
         for name, v in part.items():
-            totals[name] += v
+            totals[name] += v * scale
     return totals
 
 
