@@ -137,15 +137,15 @@ def test_sensitivity_is_cached_and_complete(trained_demo, demo_sensitivity):
 
 @pytest.mark.slow
 def test_proxy_ranks_like_the_measurement(trained_demo, tmp_path):
-    """Spearman of the proxy against measured KLD over every type of three tensors (measured in full): the raw
+    """Spearman of the proxy against measured KLD over every type of two tensors (measured in full): the raw
     imatrix-weighted error across tensors, and each tensor's calibrated prediction from its anchors alone."""
     f16, imatrix = trained_demo(1)
-    keep = {"token_embd.weight", "output.weight", "blk.1.ffn_down.weight"}
+    keep = {"output.weight", "blk.1.ffn_down.weight"}
     sens = mix.sensitivity(f16, importances=read_imatrix(imatrix).importances(), mode="all", chunks=1, threads=2,
                            cache_dir=tmp_path, tensors=keep)
     report = sens.spearman
     print("\nproxy vs measured KLD, Spearman:", report)
-    assert report["held_out_pairs"] >= 15
+    assert report["held_out_pairs"] >= 12
     assert report["anchors_held_out"] > 0.9
     assert report["raw_proxy"] is not None
 
@@ -232,8 +232,9 @@ def test_mix_metadata_records_target_recipe_and_a_true_kld(acceptance):
     assert all(types[n] == t for n, t in result.plan.types.items())
 
 
-def test_exact_size_of_standard_types_and_mixes(tiny_llama3_gguf, tmp_path):
-    """The size cl3 plans (ggml's own gguf code, header included) is the size llama.cpp writes."""
+def test_planned_size_is_the_written_size(tiny_llama3_gguf, tmp_path):
+    """The size cl3 plans (ggml's own gguf code, header included) is the size llama.cpp writes (mixes: in
+    test_cli_writes_the_mix_and_its_recipe and the acceptance tests)."""
     for name in ("Q2_K", "Q4_K_M", "Q8_0"):
         ftype = llama.file_types()[name].ftype
         out = tmp_path / f"{name}.gguf"
