@@ -2,7 +2,9 @@
 
 For each type: quantize (reusing files already made), then size (GiB of the file), BPW (tensor bits / parameters, as
 llama.cpp counts them), perplexity (cl3.measure, llama-perplexity's method; KL divergence vs F16 on request) and
-llama-bench-style pp/tg speed. Each finished cell is saved to NAME.json at once, so an interrupted run resumes where
+llama-bench-style pp/tg speed. With the imatrix "both", every type is quantized with and without it and the better
+file (lower KLD, else lower PPL) is kept and marked; ``mix`` adds columns ``mix@TYPE``: cl3's per-tensor mix
+(cl3.mix) at the size of that type's file. Each finished cell is saved to NAME.json at once, so an interrupted run resumes where
 it stopped; cells measured with other settings are recomputed. The table is written as NAME.md, NAME.csv, NAME.json
 and, when matplotlib is installed, NAME.png (size vs perplexity, and speed).
 """
@@ -39,6 +41,11 @@ ROWS = [
     ("ppl", "PPL", "{:.3f}", "ppl_stderr"),
     ("kld_mean", "KLD vs F16", "{:.4f}", "kld_stderr"),
     ("same_top", "Same top (%)", "{:.1f}", None),
+    ("imatrix", "Imatrix (better kept)", "{}", None),
+    ("ppl_imatrix", "PPL with imatrix", "{:.3f}", None),
+    ("ppl_plain", "PPL without imatrix", "{:.3f}", None),
+    ("kld_imatrix", "KLD with imatrix", "{:.4f}", None),
+    ("kld_plain", "KLD without imatrix", "{:.4f}", None),
     ("pp_ms_per_token", "PP (ms/token)", "{:.2f}", None),
     ("tg_ms_per_token", "TG (ms/token)", "{:.2f}", None),
 ]
@@ -58,6 +65,12 @@ class BenchSettings:
     repetitions: int = 5
     threads: int | None = None
     n_gpu_layers: int = -1
+    imatrix_both: bool = False          # every type with and without the imatrix, the better one kept
+    mix: list[str] = field(default_factory=list)   # types whose file size cl3's mixes are made at
+    mix_measure: str = "auto"           # the mixes' sensitivity mode (cl3.mix)
+
+
+MIX_PREFIX = "mix@"
 
 
 @dataclass
@@ -97,6 +110,9 @@ METHOD = {
            "the first token of each chunk, only the second half of each chunk scored",
     "ppl_stderr": "the standard error of the perplexity over the scored tokens, as llama-perplexity estimates it",
     "kld_mean": "mean KL(P_F16 || P_type) over the scored tokens (llama-perplexity --kl-divergence)",
+    "imatrix": "with the imatrix 'both': whether the kept file was quantized with the imatrix (the one of lower KLD, "
+               "or lower PPL without --kld)",
+    "mix": "mix@TYPE: cl3's per-tensor mix (cl3 quantize --target-size) at the file size of TYPE in this table",
     "pp_ms_per_token": "llama-bench pp test: mean time of the timed runs / prompt tokens (random tokens, warm-up)",
     "tg_ms_per_token": "llama-bench tg test: mean time of the timed runs / generated tokens (1 token per decode)",
 }
@@ -168,10 +184,13 @@ class BenchJob:
     quant_dir: Path                 # the table's quantized files (a folder of their own with an imatrix)
     kld_base: Path | None = None    # F16's logits made once by kld_base_logits (else measured from the F16 model)
 
-    def model_path(self, type_name: str, *, plain: bool = False) -> Path:
-        """Where the file of ``type_name`` is (the source itself for the source's own type)."""
+    def model_path(self, type_name: str, *, plain: bool = False, size: int | None = None) -> Path:
+        """Where the file of ``type_name`` is (the source itself for the source's own type); a mix column's file
+        is named after its type and target ``size``."""
         from .quantize import resolve_types
 
+        if type_name.startswith(MIX_PREFIX):
+            return self.quant_dir / f"{self.base_name}-mix-{type_name[len(MIX_PREFIX):]}-{size}B.gguf"
         file_type = resolve_types([type_name])[0]
         if file_type.ftype == self.source_ftype:
             return self.source
@@ -183,10 +202,12 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
             imatrix: str | os.PathLike | bool | None = None, ctx: int = 8192, chunks: int | None = None,
             text_file: str | os.PathLike | None = None, kld: bool = False, n_prompt: int = 512, n_gen: int = 128,
             repetitions: int = 5, threads: int | None = None, n_gpu_layers: int = -1,
-            work_dir: str | os.PathLike | None = None, stage: Stage | None = None) -> tuple[BenchJob, BenchTable, Path]:
+            work_dir: str | os.PathLike | None = None, imatrix_both: bool = False, mix: list[str] | None = None,
+            mix_measure: str = "auto", stage: Stage | None = None) -> tuple[BenchJob, BenchTable, Path]:
     """Check everything, convert an HF source, and start the table (with the cells of an earlier run of the same
     settings). Returns the job, the table and the table's path stem."""
     from . import quantize
+    from .mix import MODES
 
     src = Path(src)
     out = table_stem(out)
@@ -195,6 +216,11 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
     type_names = [t.strip().upper() for t in (types or AUTHORS_TYPES) if t.strip()]
     for t in type_names:
         quantize.resolve_types([t])  # unknown names fail here, before any work
+    mix_types = [quantize.resolve_types([t])[0].name for t in (mix or []) if t.strip()]
+    if mix_measure not in ("auto", *MODES):
+        raise UsageError(f"unknown sensitivity mode {mix_measure!r} (auto, {', '.join(MODES)})", param="measure")
+    if imatrix_both and not imatrix:
+        raise UsageError("comparing with and without an imatrix needs one", param="imatrix")
     if ctx < 16:
         raise UsageError("the context size must be at least 16", param="n_ctx")
     check_model_source(src)
@@ -212,7 +238,9 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
     settings = BenchSettings(ctx=ctx, chunks=chunks, text=text_name,
                              text_sha256=hashlib.sha256(text.encode()).hexdigest(), imatrix=imatrix_name, kld=kld,
                              n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads,
-                             n_gpu_layers=n_gpu_layers)
+                             n_gpu_layers=n_gpu_layers, imatrix_both=imatrix_both, mix=mix_types,
+                             mix_measure=mix_measure)
+    type_names += [MIX_PREFIX + t for t in mix_types]
     table = BenchTable(out.name, str(src), type_names, settings, machine=machine_info(),
                        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     previous = load_table(table_file(out, ".json"))
@@ -232,16 +260,53 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
 
 # The cells. Each step is a plain function of the job (and the model file), returning the values it measured.
 
-def quantized_model(job: BenchJob, type_name: str, stage: Stage | None = None) -> Path:
-    """The file of ``type_name``, quantized once (reused when it is already there)."""
+def quantized_model(job: BenchJob, type_name: str, stage: Stage | None = None, *, plain: bool = False) -> Path:
+    """The file of ``type_name`` (``plain``: without the imatrix), quantized once (reused when it is there)."""
     from . import quantize
 
-    path = job.model_path(type_name)
+    path = job.model_path(type_name, plain=plain)
     if not path.exists():
-        imatrix = job.imatrix if type_name != "F16" else None
+        imatrix = job.imatrix if type_name != "F16" and not plain else None
         quantize.quantize(job.source, [type_name], out=path, imatrix=imatrix, threads=job.settings.threads,
                           n_gpu_layers=job.settings.n_gpu_layers, stage=stage)
     return path
+
+
+def mix_model(job: BenchJob, column: str, reference: Path, stage: Stage | None = None) -> Path:
+    """cl3's mix no larger than ``reference`` (the file of the column's type), made once."""
+    from . import quantize
+    from .mix import Target
+
+    size = reference.stat().st_size
+    path = job.model_path(column, size=size)
+    if not path.exists():
+        s = job.settings
+        quantize.quantize(job.source, target=Target.size(size), out=path, imatrix=job.imatrix, threads=s.threads,
+                          n_gpu_layers=s.n_gpu_layers, measure=s.mix_measure, stage=stage)
+    return path
+
+
+def _is_unquantized(job: BenchJob, type_name: str) -> bool:
+    from .quantize import resolve_types
+
+    return type_name == "F16" or resolve_types([type_name])[0].ftype == job.source_ftype
+
+
+def both_values(job: BenchJob, type_name: str, cell: dict, stage: Stage | None = None) -> dict:
+    """With and without the imatrix: both files' size and perplexity (and KLD), and the better one's values."""
+    variants = cell.get("variants", {})
+    for variant in ("imatrix", "plain"):
+        if "ppl" not in variants.get(variant, {}):
+            model = quantized_model(job, type_name, stage, plain=variant == "plain")
+            variants[variant] = {"model": str(model), **size_values(model),
+                                 **perplexity_values(job, f"{type_name} ({variant})", model, stage)}
+    key = "kld_mean" if all(v.get("kld_mean") is not None for v in variants.values()) else "ppl"
+    kept = min(("imatrix", "plain"), key=lambda v: variants[v][key])
+    values = dict(variants[kept], variants=variants, imatrix="yes" if kept == "imatrix" else "no",
+                  ppl_imatrix=variants["imatrix"]["ppl"], ppl_plain=variants["plain"]["ppl"])
+    if key == "kld_mean":
+        values.update(kld_imatrix=variants["imatrix"]["kld_mean"], kld_plain=variants["plain"]["kld_mean"])
+    return values
 
 
 def size_values(model: Path) -> dict:
@@ -299,18 +364,32 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
           imatrix: str | os.PathLike | bool | None = None, ctx: int = 8192, chunks: int | None = None,
           text_file: str | os.PathLike | None = None, kld: bool = False, n_prompt: int = 512, n_gen: int = 128,
           repetitions: int = 5, threads: int | None = None, n_gpu_layers: int = -1,
-          work_dir: str | os.PathLike | None = None, stage: Stage | None = None,
+          work_dir: str | os.PathLike | None = None, imatrix_both: bool = False, mix: list[str] | None = None,
+          mix_measure: str = "auto", stage: Stage | None = None,
           on_cell: Callable[[BenchTable], None] | None = None) -> BenchTable:
     """Measure every type and write OUT.md/.csv/.json(/.png); resumes from OUT.json when its settings match.
-    Each measurement is saved as soon as it is made."""
+    Each measurement is saved as soon as it is made. ``imatrix_both``: each type with and without ``imatrix``, the
+    better kept and marked. ``mix``: types at whose file size cl3's mixes are added as ``mix@TYPE`` columns."""
     job, table, out = prepare(src, types=types, out=out, imatrix=imatrix, ctx=ctx, chunks=chunks,
                               text_file=text_file, kld=kld, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
-                              threads=threads, n_gpu_layers=n_gpu_layers, work_dir=work_dir, stage=stage)
+                              threads=threads, n_gpu_layers=n_gpu_layers, work_dir=work_dir,
+                              imatrix_both=imatrix_both, mix=mix, mix_measure=mix_measure, stage=stage)
     if kld:
         quantized_model(job, "F16", stage)
     for type_name in table.types:
         cell = table.cells.setdefault(type_name, {})
-        model = quantized_model(job, type_name, stage)
+        if type_name.startswith(MIX_PREFIX):
+            base = type_name[len(MIX_PREFIX):]
+            kept = table.cells.get(base, {}).get("model")
+            reference = Path(kept) if kept else quantized_model(job, base, stage)
+            model = mix_model(job, type_name, reference, stage)
+        elif imatrix_both and not _is_unquantized(job, type_name):
+            if "ppl" not in cell:
+                cell.update(both_values(job, type_name, cell, stage))
+                save(table, out)
+            model = Path(cell["model"])
+        else:
+            model = quantized_model(job, type_name, stage)
         cell["model"] = str(model)
         for step in missing_steps(cell):
             if step == "size":
@@ -380,9 +459,14 @@ def render_csv(table: BenchTable) -> str:
     for key, _label, _spec, err_key in table.rows():
         for k in (key, err_key):
             if k and any(table.value(t, k) is not None for t in table.types):
-                w.writerow([k, *[("" if table.value(t, k) is None else repr(round(table.value(t, k), 6)))
-                                 for t in table.types]])
+                w.writerow([k, *[_csv_value(table.value(t, k)) for t in table.types]])
     return buf.getvalue()
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else repr(round(value, 6))
 
 
 def render_markdown(table: BenchTable) -> str:
@@ -399,6 +483,8 @@ def render_markdown(table: BenchTable) -> str:
               f"- PPL: {METHOD['ppl']}; ctx {s.ctx}, text `{s.text}` (sha256 {s.text_sha256[:12]}…)"
               + (f", first {s.chunks} chunks" if s.chunks else "") + f". The ± is {METHOD['ppl_stderr']}.",
               *([f"- KLD: {METHOD['kld_mean']} ± its standard error."] if s.kld else []),
+              *([f"- Imatrix: {METHOD['imatrix']}."] if s.imatrix_both else []),
+              *([f"- Mixes: {METHOD['mix']} (sensitivity: {s.mix_measure})."] if s.mix else []),
               (f"- PP/TG: {METHOD['pp_ms_per_token']} (pp{s.n_prompt}); {METHOD['tg_ms_per_token']} "
                f"(tg{s.n_gen}); {s.repetitions} timed runs; lower is faster."),
               (f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, {m.get('os')}, "
@@ -439,23 +525,44 @@ def plot(table: BenchTable, path: Path) -> Path | None:
 
 
 def figure(table: BenchTable):
-    """The matplotlib figure of `plot` (None when no type has both a size and a perplexity)."""
+    """The matplotlib figure of `plot`: file size against PPL (with standard-error bars) and, when measured, against
+    KLD, llama.cpp's types as points and cl3's mixes as a curve; then pp/tg ms/token per column. None when no
+    column has both a size and a perplexity."""
     import matplotlib.pyplot as plt
 
     done = [t for t in table.types if table.value(t, "ppl") is not None and table.value(t, "size_gib") is not None]
     if not done:
         return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    with_kld = [t for t in done if table.value(t, "kld_mean") is not None]
+    panels = 3 if with_kld else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
     size_key = next(r[0] for r in table.rows() if r[0].startswith("size_"))
-    xs = [table.value(t, size_key) for t in done]
-    ys = [table.value(t, "ppl") for t in done]
-    errs = [table.value(t, "ppl_stderr") or 0.0 for t in done]
-    ax1.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=3)
-    for t, x, y in zip(done, xs, ys):
-        ax1.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax1.set_xlabel("size (GiB)" if size_key == "size_gib" else "size (MiB)")
-    ax1.set_ylabel(f"perplexity ± standard error (ctx {table.settings.ctx})")
-    ax1.set_title("size vs perplexity")
+    unit = "GiB" if size_key == "size_gib" else "MiB"
+    panels_of = [(axes[0], "ppl", "ppl_stderr", f"perplexity ± standard error (ctx {table.settings.ctx})")]
+    if with_kld:
+        panels_of.append((axes[1], "kld_mean", None, "mean KLD vs F16"))
+    for ax, key, err_key, label in panels_of:
+        for mixes, fmt, name in ((False, "o", "llama.cpp types"), (True, "s-", "cl3 mixes")):
+            cols = [t for t in (with_kld if key == "kld_mean" else done) if t.startswith(MIX_PREFIX) == mixes]
+            if mixes:  # a curve, by size
+                cols.sort(key=lambda t: table.value(t, size_key))
+            if not cols:
+                continue
+            xs = [table.value(t, size_key) for t in cols]
+            ys = [table.value(t, key) for t in cols]
+            errs = [table.value(t, err_key) or 0.0 for t in cols] if err_key else None
+            ax.errorbar(xs, ys, yerr=errs, fmt=fmt, capsize=3, label=name)
+            for t, x, y in zip(cols, xs, ys):
+                mark = "*" if table.value(t, "imatrix") == "no" else ""
+                ax.annotate(t + mark, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"file size ({unit})")
+        ax.set_ylabel(label)
+        ax.set_title(f"size vs {'KLD' if key == 'kld_mean' else 'perplexity'}")
+        if key == "kld_mean":
+            ax.set_yscale("log")
+        if any(t.startswith(MIX_PREFIX) for t in done):
+            ax.legend(fontsize=8)
+    ax2 = axes[-1]
     idx = range(len(table.types))
     for key, label, offset in (("pp_ms_per_token", "PP", -0.2), ("tg_ms_per_token", "TG", 0.2)):
         vals = [table.value(t, key) or 0 for t in table.types]

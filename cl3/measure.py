@@ -41,18 +41,41 @@ llama.cpp's --kl-divergence-base file (little-endian):
   (log-probabilities more than 16 below the top one are stored as 0 = the floor).
 Size: 2*nv bytes per scored token, i.e. about 2 bytes per vocabulary entry: 256.5 KB/token for Llama-3's 128,256.
 """
+TOPK_MAGIC = b"_cl3topk"
+TOPK_FORMAT = """\
+cl3's compact base file (little-endian), same header and tokens as llama.cpp's with the magic "_cl3topk" and a
+uint32 k after n_chunk; then, for every scored token: int32 ids[k] (the base model's k most likely tokens, most
+likely first), float32 log_p[k], float32 log_p_rest (the log of the probability of all other tokens together),
+float32 log_p_target (of the token that follows). 8k + 8 bytes per token against llama.cpp's 2 n_vocab + 8: the
+default k = n_vocab / 48 makes it 11-12x smaller (k = 2,672 for Llama-3's 128,256 tokens); k = 64: 490x for Llama-3.
+KL divergence from it treats the other tokens as one outcome: sum_top p (log p - log q) + p_rest log(p_rest/q_rest).
+That is never above the true value (log-sum inequality) and misses p_rest * KL(P_rest || Q_rest), the divergence
+inside the tail; every other statistic (PPL, Δp, same top) is exact.
+"""
+COMPACT_RATIO = 48  # the default k of a compact base is n_vocab / 48: over 10x smaller than llama.cpp's
+
+
+def default_top_k(n_vocab: int) -> int:
+    return max(1, n_vocab // COMPACT_RATIO)
 
 
 # ---------------------------------------------------------------------------------------------------------- results
 
 @dataclass
 class KldStats:
-    """llama-perplexity --kl-divergence's statistics (names follow its printout)."""
+    """llama-perplexity --kl-divergence's statistics, every one it prints (names follow its printout)."""
 
+    ppl: float                     # Mean PPL(Q)
+    ppl_stderr: float
     ppl_base: float
     ppl_base_stderr: float
+    ln_ppl_cor: float              # Cor(ln(PPL(Q)), ln(PPL(base))), as a fraction
     ln_ppl_ratio: float            # mean ln(PPL(Q)/PPL(base))
     ln_ppl_ratio_stderr: float
+    ppl_ratio: float               # Mean PPL(Q)/PPL(base)
+    ppl_ratio_stderr: float
+    ppl_diff: float                # Mean PPL(Q)-PPL(base)
+    ppl_diff_stderr: float
     kld_mean: float
     kld_stderr: float
     kld_max: float
@@ -64,15 +87,29 @@ class KldStats:
     kld_p10: float
     kld_p5: float
     kld_p1: float
+    kld_p0_1: float
     kld_min: float
     dp_mean: float                 # mean Δp = p(Q) - p(base) of the actual next token, as a fraction
     dp_stderr: float
+    dp_max: float
+    dp_p99_9: float
+    dp_p99: float
+    dp_p95: float
+    dp_p90: float
+    dp_p75: float
+    dp_median: float
+    dp_p25: float
+    dp_p10: float
+    dp_p5: float
+    dp_p1: float
+    dp_p0_1: float
+    dp_min: float
     dp_rms: float
     dp_rms_stderr: float
-    dp_max: float
-    dp_min: float
     same_top: float                # fraction of tokens where both models' most likely token is the same
     same_top_stderr: float
+    base_top_k: int = 0            # a compact base: its k (the KLD is then a lower bound, see TOPK_FORMAT)
+    base_tail_mass: float | None = None  # a compact base: mean probability outside its top k
 
 
 @dataclass
@@ -190,10 +227,12 @@ class _KldAccumulator:
         self.sum_nll = self.sum_nll2 = self.sum_nll_base = self.sum_nll_base2 = self.sum_nll_nll_base = 0.0
         self.sum_kld = self.sum_kld2 = self.sum_p_diff = self.sum_p_diff2 = self.sum_p_diff4 = 0.0
         self.n_same_top = self.count = 0
+        self.top_k, self.sum_tail = 0, 0.0
         self.kld_values: list[np.ndarray] = []
         self.p_diff_values: list[np.ndarray] = []
 
     def add(self, logits: np.ndarray, targets: np.ndarray, base_rows: np.ndarray) -> None:
+        """Rows of llama.cpp's uint16 base file."""
         m, n_vocab = logits.shape
         rows = np.arange(m)
         mx = logits.max(axis=1)
@@ -204,18 +243,38 @@ class _KldAccumulator:
         nll = (mx + lse - logits[rows, targets]).astype(np.float32)
         q = base_rows[:, 4:4 + n_vocab]
         nll_base = -(scale * q[rows, targets].astype(np.float32) + min_log_prob)
+        p_log_base = scale[:, None] * q.astype(np.float32) + min_log_prob[:, None]
+        terms = np.exp(p_log_base) * (p_log_base - logits + (mx + lse)[:, None])
+        kld = np.where(p_log_base > np.float32(-16), terms, np.float32(0)).sum(axis=1, dtype=np.float64)
+        self._add(nll, nll_base, kld, imax == p_log_base.argmax(axis=1))
+
+    def add_top_k(self, logits: np.ndarray, targets: np.ndarray, base: np.ndarray) -> None:
+        """Rows of cl3's compact base file (see TOPK_FORMAT)."""
+        m = len(logits)
+        rows = np.arange(m)
+        mx = logits.max(axis=1).astype(np.float64)
+        log_q = logits.astype(np.float64) - mx[:, None]
+        log_q -= np.log(np.exp(log_q).sum(axis=1))[:, None]
+        ids, log_p = base["ids"], base["log_p"].astype(np.float64)
+        log_q_top = log_q[rows[:, None], ids]
+        p_rest = np.exp(base["log_p_rest"].astype(np.float64))
+        self.top_k, self.sum_tail = ids.shape[1], self.sum_tail + float(p_rest.sum())
+        q_rest = np.maximum(1.0 - np.exp(log_q_top).sum(axis=1), 1e-300)
+        tail = np.where(p_rest > 0, p_rest * (np.log(np.maximum(p_rest, 1e-300)) - np.log(q_rest)), 0.0)
+        kld = (np.exp(log_p) * (log_p - log_q_top)).sum(axis=1) + tail
+        nll = (-log_q[rows, targets]).astype(np.float32)
+        self._add(nll, (-base["log_p_target"]).astype(np.float32), kld, logits.argmax(axis=1) == ids[:, 0])
+
+    def _add(self, nll: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, same_top: np.ndarray) -> None:
+        m = len(nll)
         self.sum_nll += float(nll.sum(dtype=np.float64))
         self.sum_nll2 += float((nll.astype(np.float64) ** 2).sum())
         self.sum_nll_base += float(nll_base.sum(dtype=np.float64))
         self.sum_nll_base2 += float((nll_base.astype(np.float64) ** 2).sum())
         self.sum_nll_nll_base += float((nll.astype(np.float64) * nll_base).sum())
-
-        p_log_base = scale[:, None] * q.astype(np.float32) + min_log_prob[:, None]
-        terms = np.exp(p_log_base) * (p_log_base - logits + (mx + lse)[:, None])
-        kld = np.where(p_log_base > np.float32(-16), terms, np.float32(0)).sum(axis=1, dtype=np.float64)
         self.sum_kld += float(kld.sum())
         self.sum_kld2 += float((kld ** 2).sum())
-        self.n_same_top += int(np.count_nonzero(imax == p_log_base.argmax(axis=1)))
+        self.n_same_top += int(np.count_nonzero(same_top))
         self.count += m
 
         p_diff = (np.exp(-nll) - np.exp(-nll_base)).astype(np.float32)
@@ -243,16 +302,22 @@ class _KldAccumulator:
         same = self.n_same_top / n if n else 0.0
         kv = np.sort(np.concatenate(self.kld_values)) if self.kld_values else np.zeros(1, np.float32)
         pv = np.sort(np.concatenate(self.p_diff_values)) if self.p_diff_values else np.zeros(1, np.float32)
+        ppl, ppl_base = math.exp(log_ppl[0]), math.exp(log_base[0])
+        ppl_err, base_err = ppl * log_ppl[1], ppl_base * log_base[1]
+        ratio = math.exp(log_ppl[0] - log_base[0])
+        kp = {f"kld_{k}": _percentile(kv, f) for k, f in _PERCENTILES.items() if k not in ("p75", "p25")}
+        dpp = {f"dp_{k}": _percentile(pv, f) for k, f in _PERCENTILES.items()}
         return KldStats(
-            ppl_base=math.exp(log_base[0]), ppl_base_stderr=math.exp(log_base[0]) * log_base[1],
+            ppl=ppl, ppl_stderr=ppl_err, ppl_base=ppl_base, ppl_base_stderr=base_err,
+            ln_ppl_cor=cov / (log_ppl[1] * log_base[1]) if log_ppl[1] * log_base[1] > 0 else float("nan"),
             ln_ppl_ratio=log_ppl[0] - log_base[0], ln_ppl_ratio_stderr=ratio_err,
-            kld_mean=kld[0], kld_stderr=kld[1], kld_max=float(kv[-1]),
-            kld_p99_9=_percentile(kv, 0.999), kld_p99=_percentile(kv, 0.99), kld_p95=_percentile(kv, 0.95),
-            kld_p90=_percentile(kv, 0.90), kld_median=_median(kv), kld_p10=_percentile(kv, 0.10),
-            kld_p5=_percentile(kv, 0.05), kld_p1=_percentile(kv, 0.01), kld_min=float(kv[0]),
-            dp_mean=dp[0], dp_stderr=dp[1], dp_rms=rms, dp_rms_stderr=0.5 / rms * mse[1] if rms > 0 else 0.0,
-            dp_max=float(pv[-1]), dp_min=float(pv[0]),
-            same_top=same, same_top_stderr=math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0)
+            ppl_ratio=ratio, ppl_ratio_stderr=ratio * ratio_err, ppl_diff=ppl - ppl_base,
+            ppl_diff_stderr=math.sqrt(max(0.0, ppl_err ** 2 + base_err ** 2 - 2.0 * ppl * ppl_base * cov)),
+            kld_mean=kld[0], kld_stderr=kld[1], kld_max=float(kv[-1]), kld_median=_median(kv), kld_min=float(kv[0]),
+            **kp, dp_mean=dp[0], dp_stderr=dp[1], dp_max=float(pv[-1]), dp_median=_median(pv), dp_min=float(pv[0]),
+            **dpp, dp_rms=rms, dp_rms_stderr=0.5 / rms * mse[1] if rms > 0 else 0.0,
+            same_top=same, same_top_stderr=math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0,
+            base_top_k=self.top_k, base_tail_mass=self.sum_tail / n if self.top_k and n else None)
 
 
 def _mean_and_uncertainty(total: float, total2: float, count: int) -> tuple[float, float]:
@@ -267,6 +332,10 @@ def _covariance(a: float, b: float, ab: float, count: int) -> float:
     if count < 10:
         return 0.0
     return (ab / count - (a / count) * (b / count)) / (count - 1)
+
+
+_PERCENTILES = {"p99_9": 0.999, "p99": 0.99, "p95": 0.95, "p90": 0.90, "p75": 0.75, "p25": 0.25, "p10": 0.10,
+                "p5": 0.05, "p1": 0.01, "p0_1": 0.001}
 
 
 def _percentile(values: np.ndarray, fraction: float) -> float:
@@ -310,8 +379,8 @@ def perplexity(model: str | os.PathLike, text: str | None = None, *, n_ctx: int 
 
 
 def _perplexity(model, text: str, *, n_ctx: int, n_batch: int, chunks: int | None, threads: int | None,
-                n_gpu_layers: int, progress: Progress | None, on_chunk, base_out: Path | None = None
-                ) -> PerplexityResult:
+                n_gpu_layers: int, progress: Progress | None, on_chunk, base_out: Path | None = None,
+                top_k: int = 0) -> PerplexityResult:
     layout = ChunkLayout.of(n_ctx, n_batch)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -320,17 +389,24 @@ def _perplexity(model, text: str, *, n_ctx: int, n_batch: int, chunks: int | Non
             raise InputError(f"{model}: the model appends EOS to every text; perplexity is undefined for it")
         tokens = m.tokenize(text)
         n_chunk = layout.chunks_in(len(tokens), chunks)
+        top_k = min(default_top_k(m.n_vocab) if top_k < 0 else top_k, m.n_vocab)
         ctx = stack.enter_context(llama.Context(m, n_ctx=layout.ctx_size, n_batch=layout.n_batch,
                                                 n_seq=layout.n_seq, threads=threads))
         sums = {"nll": 0.0, "nll2": 0.0, "count": 0}
         nv = 2 * ((m.n_vocab + 1) // 2) + 4
         out = stack.enter_context(open(base_out, "wb")) if base_out is not None else None
         if out is not None:
-            out.write(BASE_LOGITS_MAGIC + struct.pack("<Iii", n_ctx, m.n_vocab, n_chunk))
+            if top_k:
+                out.write(TOPK_MAGIC + struct.pack("<IiiI", n_ctx, m.n_vocab, n_chunk, top_k))
+            else:
+                out.write(BASE_LOGITS_MAGIC + struct.pack("<Iii", n_ctx, m.n_vocab, n_chunk))
             out.write(tokens[: n_chunk * n_ctx].astype("<i4").tobytes())
 
         def on_rows(chunk: int, logits: np.ndarray, targets: np.ndarray) -> None:
-            if out is not None:
+            if out is not None and top_k:
+                rows, row_nll = _top_k_rows(logits, targets, top_k)
+                out.write(rows.tobytes())
+            elif out is not None:
                 rows, row_nll = _quantize_log_probs(logits, targets, nv)
                 out.write(rows.tobytes())
             else:
@@ -361,33 +437,81 @@ def _perplexity(model, text: str, *, n_ctx: int, n_batch: int, chunks: int | Non
 
 def save_base_logits(model: str | os.PathLike, out: str | os.PathLike, text: str | None = None, *, n_ctx: int = 512,
                      n_batch: int = 2048, chunks: int | None = None, threads: int | None = None,
-                     n_gpu_layers: int = -1, force: bool = False, progress: Progress | None = None
-                     ) -> PerplexityResult:
-    """Run the base model once and store its token distributions (llama-perplexity --kl-divergence-base)."""
+                     n_gpu_layers: int = -1, compact: bool = False, top_k: int | None = None, force: bool = False,
+                     progress: Progress | None = None) -> PerplexityResult:
+    """Run the base model once and store its token distributions: llama-perplexity --kl-divergence-base's file, or,
+    ``compact``, cl3's (each token's ``top_k`` most likely tokens and the rest's mass, see TOPK_FORMAT; default
+    k = n_vocab / 48)."""
+    if top_k is not None and not 1 <= top_k <= 1 << 20:
+        raise UsageError(f"top-k must be between 1 and 2^20, not {top_k}", param="top_k")
+    top_k = (top_k or -1) if compact or top_k else 0
     check_new_output(Path(out), force)
     with atomic_output(out) as tmp:
         return _perplexity(model, _read_text(text), n_ctx=n_ctx, n_batch=n_batch, chunks=chunks, threads=threads,
-                           n_gpu_layers=n_gpu_layers, progress=progress, on_chunk=None, base_out=tmp)
+                           n_gpu_layers=n_gpu_layers, progress=progress, on_chunk=None, base_out=tmp, top_k=top_k)
 
 
-def base_logits_size(n_vocab: int, n_ctx: int, n_chunk: int) -> int:
-    """Bytes of a base-logits file (header, tokens, uint16 log-probabilities)."""
+def base_logits_size(n_vocab: int, n_ctx: int, n_chunk: int, top_k: int = 0) -> int:
+    """Bytes of a base-logits file: llama.cpp's (uint16 log-probabilities) or, with ``top_k``, cl3's compact one."""
+    scored = (n_ctx - 1 - n_ctx // 2) * n_chunk
+    if top_k:
+        return 24 + 4 * n_ctx * n_chunk + (8 * top_k + 8) * scored
     nv = 2 * ((n_vocab + 1) // 2) + 4
-    return 20 + 4 * n_ctx * n_chunk + 2 * nv * (n_ctx - 1 - n_ctx // 2) * n_chunk
+    return 20 + 4 * n_ctx * n_chunk + 2 * nv * scored
 
 
-def _read_base_header(path: Path) -> tuple[int, int, int, np.ndarray, int]:
+def _top_k_dtype(k: int) -> np.dtype:
+    return np.dtype([("ids", "<i4", (k,)), ("log_p", "<f4", (k,)), ("log_p_rest", "<f4"), ("log_p_target", "<f4")])
+
+
+def _top_k_rows(logits: np.ndarray, targets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The compact base rows of a block of logits, and the NLL of each target."""
+    m, n_vocab = logits.shape
+    k = min(k, n_vocab)
+    rows = np.arange(m)
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    e = np.exp(x)
+    total = e.sum(axis=1)
+    log_p = x - np.log(total)[:, None]
+    top = np.argpartition(-log_p, k - 1, axis=1)[:, :k] if k < n_vocab else np.tile(np.arange(n_vocab), (m, 1))
+    top = np.take_along_axis(top, np.argsort(-log_p[rows[:, None], top], axis=1, kind="stable"), axis=1)
+    out = np.zeros(m, dtype=_top_k_dtype(k))
+    out["ids"] = top
+    out["log_p"] = log_p[rows[:, None], top]
+    rest = (total - e[rows[:, None], top].sum(axis=1)) / total
+    with np.errstate(divide="ignore"):
+        out["log_p_rest"] = np.where(rest > 0, np.log(np.maximum(rest, 1e-300)), -np.inf)
+    out["log_p_target"] = log_p[rows, targets]
+    return out, -log_p[rows, targets]
+
+
+@dataclass
+class _BaseFile:
+    n_ctx: int
+    n_vocab: int
+    n_chunk: int
+    tokens: np.ndarray
+    offset: int
+    top_k: int          # 0: llama.cpp's uint16 rows
+
+
+def _read_base_header(path: Path) -> _BaseFile:
     with open(path, "rb") as f:
-        head = f.read(20)
-        if len(head) < 20 or head[:8] != BASE_LOGITS_MAGIC:
+        head = f.read(24)
+        if len(head) < 20 or head[:8] not in (BASE_LOGITS_MAGIC, TOPK_MAGIC):
             raise InputError(f"{path} is neither a GGUF model nor a base-logits file (llama-perplexity "
-                             "--kl-divergence-base format)")
+                             "--kl-divergence-base format, or cl3's compact one)")
         n_ctx, n_vocab, n_chunk = struct.unpack("<Iii", head[8:20])
+        top_k = struct.unpack("<I", head[20:24])[0] if head[:8] == TOPK_MAGIC and len(head) == 24 else 0
+        if head[:8] == TOPK_MAGIC and not top_k:
+            raise InputError(f"{path} is truncated")
+        f.seek(24 if top_k else 20)
         tokens = np.fromfile(f, dtype="<i4", count=n_ctx * n_chunk)
         offset = f.tell()
-    if len(tokens) != n_ctx * n_chunk or path.stat().st_size < base_logits_size(n_vocab, n_ctx, n_chunk):
+    if len(tokens) != n_ctx * n_chunk or path.stat().st_size < base_logits_size(n_vocab, n_ctx, n_chunk, top_k):
         raise InputError(f"{path} is truncated")
-    return n_ctx, n_vocab, n_chunk, tokens.astype(np.int32), offset
+    return _BaseFile(n_ctx, n_vocab, n_chunk, tokens.astype(np.int32), offset, top_k)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -417,12 +541,18 @@ def _base_logits_file(base: Path, text: str | None, *, n_ctx: int, n_batch: int,
 
 def _kl_divergence(model, base_file: Path, *, n_batch: int, threads: int | None, n_gpu_layers: int,
                    progress: Progress | None, on_chunk, kld_base: str) -> PerplexityResult:
-    n_ctx, n_vocab, n_chunk, tokens, offset = _read_base_header(base_file)
+    head = _read_base_header(base_file)
+    n_ctx, n_vocab, n_chunk, tokens = head.n_ctx, head.n_vocab, head.n_chunk, head.tokens
     layout = ChunkLayout.of(n_ctx, n_batch)
-    nv = 2 * ((n_vocab + 1) // 2) + 4
     per_chunk = layout.scored_per_chunk
-    base = np.memmap(base_file, dtype="<u2", mode="r", offset=offset, shape=(n_chunk * per_chunk, nv))
+    if head.top_k:
+        base = np.memmap(base_file, dtype=_top_k_dtype(head.top_k), mode="r", offset=head.offset,
+                         shape=(n_chunk * per_chunk,))
+    else:
+        nv = 2 * ((n_vocab + 1) // 2) + 4
+        base = np.memmap(base_file, dtype="<u2", mode="r", offset=head.offset, shape=(n_chunk * per_chunk, nv))
     acc = _KldAccumulator()
+    add = acc.add_top_k if head.top_k else acc.add
     t0 = time.perf_counter()
     with llama.Model(model, n_gpu_layers=n_gpu_layers) as m, \
             llama.Context(m, n_ctx=layout.ctx_size, n_batch=layout.n_batch, n_seq=layout.n_seq, threads=threads) as ctx:
@@ -433,7 +563,7 @@ def _kl_divergence(model, base_file: Path, *, n_batch: int, threads: int | None,
         def on_rows(chunk: int, logits: np.ndarray, targets: np.ndarray) -> None:
             at = done.get(chunk, 0)
             row0 = chunk * per_chunk + at
-            acc.add(logits, targets, np.asarray(base[row0: row0 + len(targets)]))
+            add(logits, targets, np.asarray(base[row0: row0 + len(targets)]))
             done[chunk] = at + len(targets)
 
         def after_group(n_done: int, total: int) -> None:

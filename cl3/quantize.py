@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gguf
 
-from . import calibration, llama
+from . import calibration, llama, mix
 from .errors import InputError, OutputError, UsageError
 from .files import atomic_output, check_new_output, is_directory_target, output_directory
 from .hf import check_model_source
@@ -220,23 +220,42 @@ class QuantizeResult:
     outputs: list[Path]
     imatrix_file: Path | None = None
     imatrix_reused: bool = False
+    plan: mix.MixPlan | None = None          # with a target: the mix (also for a dry run, which writes nothing)
+    mix: mix.MixResult | None = None
 
 
-def quantize(src: str | os.PathLike, types: str | Iterable[str], *, out: str | os.PathLike | None = None,
+def quantize(src: str | os.PathLike, types: str | Iterable[str] | None = None, *, out: str | os.PathLike | None = None,
              imatrix: str | os.PathLike | bool | None = None, threads: int | None = None, n_gpu_layers: int = -1,
              output_tensor_type: str | None = None, token_embedding_type: str | None = None,
              pure: bool = False, leave_output_tensor: bool = False, allow_requantize: bool = False,
-             imatrix_chunks: int | None = None, force: bool = False, stage: Stage | None = None) -> QuantizeResult:
-    """Quantize ``src`` (an F32/F16/BF16 GGUF or an HF checkpoint directory) to every type in ``types``.
+             imatrix_chunks: int | None = None, force: bool = False, target: mix.Target | None = None,
+             measure: str = "auto", sensitivity_chunks: int = 4, dry_run: bool = False,
+             on_plan: Callable[[mix.MixPlan], None] | None = None, stage: Stage | None = None) -> QuantizeResult:
+    """Quantize ``src`` (an F32/F16/BF16 GGUF or an HF checkpoint directory) to every type in ``types``, or, with
+    ``target`` (a size or BPW), to the per-tensor mix of least predicted KL divergence that fits (see cl3.mix).
 
     ``imatrix``: a file, ``True`` to compute (or reuse) one on the built-in calibration text cached beside the
     source (``imatrix_chunks`` limits its text), or ``None``. ``out``: a file (one type) or a folder; default names
-    are ``{name}-{size}-{TYPE}.gguf``, with ``-im`` when an imatrix is used (it is also recorded in the metadata).
-    Existing outputs are replaced only with ``force``. Everything is checked before any work; each output is
-    written atomically.
+    are ``{name}-{size}-{TYPE}.gguf`` (a mix: ``{name}-{size}-mix-{target}.gguf``), with ``-im`` when an imatrix is
+    used (it is also recorded in the metadata). A mix: ``measure`` and ``sensitivity_chunks`` say how its
+    sensitivity is measured (cached beside the source), ``on_plan(plan)`` sees the plan before any quantization,
+    and ``dry_run`` stops there. Existing outputs are replaced only with ``force``. Everything is checked before any
+    work; each output is written atomically.
     """
     src = Path(src)
-    file_types = resolve_types(types)
+    if target is not None:
+        if types:
+            raise UsageError("give either quantization types or a target size, not both", param="target_size")
+        if pure or leave_output_tensor or output_tensor_type or token_embedding_type:
+            raise UsageError("a mix chooses every tensor's type itself; drop --pure, --leave-output-tensor and the "
+                             "tensor type options", param="target_size")
+        if allow_requantize:
+            raise UsageError("a mix starts from an F32, F16 or BF16 model", param="allow_requantize")
+        if measure not in ("auto", *mix.MODES):
+            raise UsageError(f"unknown sensitivity mode {measure!r} (auto, {', '.join(mix.MODES)})", param="measure")
+        if sensitivity_chunks < 1:
+            raise UsageError("the sensitivity needs at least 1 chunk", param="sensitivity_chunks")
+    file_types = resolve_types(types) if target is None else [llama.file_types()["Q8_0"]]
     out_type = ggml_type(output_tensor_type, "output tensor")
     embd_type = ggml_type(token_embedding_type, "token embedding")
     needs = [t.name for t in file_types if t.needs_imatrix]
@@ -266,7 +285,15 @@ def quantize(src: str | os.PathLike, types: str | Iterable[str], *, out: str | o
             gguf_src = src
             default_dir = cache_dir = src.parent if str(src.parent) else Path(".")
         source = Source.open(gguf_src, allow_requantize=allow_requantize)
-        outputs = plan_outputs(source, file_types, out_path, out_is_dir, default_dir, "-im" if imatrix else "", force)
+        if target is not None:
+            name = f"{source.base_name}-mix-{target.label}{'-im' if imatrix else ''}.gguf"
+            outputs = [out_path if out_path is not None and not out_is_dir else (out_path or default_dir) / name]
+            for path in [outputs[0], *mix.recipe_paths(outputs[0])]:
+                if not dry_run:
+                    check_new_output(path, force)
+        else:
+            outputs = plan_outputs(source, file_types, out_path, out_is_dir, default_dir, "-im" if imatrix else "",
+                                   force)
 
         choice = None
         result = QuantizeResult(outputs)
@@ -279,10 +306,34 @@ def quantize(src: str | os.PathLike, types: str | Iterable[str], *, out: str | o
             choice = load_imatrix_for(source, path)  # read back: exactly the file's float32 values, as llama-quantize
             result.imatrix_file, result.imatrix_reused = path, reused
 
+        if target is not None:
+            return _quantize_mix(source, target, outputs[0], result, choice, cache_dir=cache_dir, threads=threads,
+                                 n_gpu_layers=n_gpu_layers, measure=measure, chunks=sensitivity_chunks,
+                                 dry_run=dry_run, force=force, on_plan=on_plan, stage=stage)
         for file_type, output in zip(file_types, outputs):
             with stage_progress(stage, file_type.name, "tensors") as update:
                 quantize_gguf(gguf_src, output, file_type, imatrix=choice, threads=threads,
                               output_tensor_type=out_type, token_embedding_type=embd_type, pure=pure,
                               leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize,
                               progress=update)
+    return result
+
+
+def _quantize_mix(source: Source, target: mix.Target, output: Path, result: QuantizeResult,
+                  choice: ImatrixChoice | None, *, cache_dir: Path, threads: int | None, n_gpu_layers: int,
+                  measure: str, chunks: int, dry_run: bool, force: bool,
+                  on_plan: Callable[[mix.MixPlan], None] | None, stage: Stage | None) -> QuantizeResult:
+    importances = choice.importances if choice else None
+    sens = mix.sensitivity(source.path, importances=importances, imatrix_name=choice.file if choice else None,
+                           mode=measure, chunks=chunks, threads=threads, n_gpu_layers=n_gpu_layers,
+                           cache_dir=cache_dir, stage=stage)
+    result.plan = mix.plan_mix(source.path, target, sens, imatrix_metadata=choice.metadata() if choice else None)
+    if on_plan is not None:
+        on_plan(result.plan)
+    if dry_run:
+        result.outputs = []
+        return result
+    result.mix = mix.quantize_mix(result.plan, output, importances=importances,
+                                  imatrix_file=choice.file if choice else None, threads=threads,
+                                  n_gpu_layers=n_gpu_layers, force=force, stage=stage)
     return result

@@ -73,6 +73,29 @@ def tiny_spm_gguf(tiny_spm, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory):
+    """``trained_demo(seed)``: the demo model built with that seed as (F16 GGUF, imatrix GGUF on the first 48 chunks
+    of the built-in calibration text), built once per session. Seed 1 is the shipped demo model."""
+    from cl3.calibration import builtin_name, calibration_text
+    from cl3.demo_model import build_demo_checkpoint
+    from cl3.imatrix import compute_imatrix, write_imatrix
+
+    built: dict[int, tuple[Path, Path]] = {}
+
+    def get(seed: int) -> tuple[Path, Path]:
+        if seed not in built:
+            root = tmp_path_factory.mktemp(f"demo-seed{seed}")
+            ckpt = build_demo_checkpoint(root / "hf", seed=seed)
+            f16 = convert(ckpt.path, root / f"demo{seed}-F16.gguf", "f16").path
+            imatrix = compute_imatrix(f16, calibration_text(), dataset=builtin_name("calibration"), chunks=48,
+                                      parse_special=True).imatrix
+            built[seed] = (f16, write_imatrix(imatrix, root / f"demo{seed}.imatrix.gguf"))
+        return built[seed]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def reference_bin() -> Path:
     """llama.cpp's own tools (built by ../shared/reference/build-llama-cpp-tools.sh); skip when absent."""
     path = os.environ.get("CL3_REFERENCE_BIN")

@@ -197,3 +197,46 @@ def test_imatrix_quantizations_are_kept_apart(tiny_llama3_gguf, text_file, tmp_p
     reader = gguf.GGUFReader(b)
     assert "quantize.imatrix.file" in reader.fields and "quantize.imatrix.file" not in gguf.GGUFReader(a).fields
     assert with_imatrix.settings.imatrix.startswith("cl3:calibration@")
+
+
+@pytest.mark.slow
+def test_imatrix_both_and_mix_columns(trained_demo, tmp_path):
+    """--imatrix both: each type's better file (lower KLD) kept and marked, both variants' values recorded and true;
+    --mix: cl3's mixes at the kept files' sizes, no larger, lower KLD; the plot has them as a curve."""
+    f16, imatrix = trained_demo(1)
+    t = bench.bench(f16, types=["Q2_K", "Q4_K_M"], out=tmp_path / "demo", imatrix=imatrix, imatrix_both=True,
+                    mix=["Q2_K", "q4_k"], mix_measure="anchors", kld=True, ctx=512, chunks=4, n_prompt=32, n_gen=4,
+                    repetitions=1, threads=2)
+    assert t.types == ["Q2_K", "Q4_K_M", "mix@Q2_K", "mix@Q4_K_M"]
+    for name in ("Q2_K", "Q4_K_M"):
+        cell = t.cells[name]
+        v = cell["variants"]
+        assert "quantize.imatrix.file" in gguf.GGUFReader(v["imatrix"]["model"]).fields
+        assert "quantize.imatrix.file" not in gguf.GGUFReader(v["plain"]["model"]).fields
+        kept = "imatrix" if v["imatrix"]["kld_mean"] < v["plain"]["kld_mean"] else "plain"
+        assert cell["imatrix"] == ("yes" if kept == "imatrix" else "no") and cell["model"] == v[kept]["model"]
+        assert (cell["kld_imatrix"], cell["kld_plain"]) == (v["imatrix"]["kld_mean"], v["plain"]["kld_mean"])
+        again = measure.perplexity(v["plain"]["model"], None, n_ctx=512, chunks=4, kld_base=f16)
+        assert cell["ppl_plain"] == pytest.approx(again.ppl, rel=1e-6)
+        mixed = t.cells[f"mix@{name}"]
+        assert mixed["size_bytes"] <= cell["size_bytes"]
+        assert mixed["kld_mean"] < cell["kld_mean"]
+        assert mixed["pp_ms_per_token"] > 0
+    csv_rows = {r[0]: r[1:] for r in csv.reader((tmp_path / "demo.csv").read_text().splitlines())}
+    assert csv_rows["imatrix"][:2] == [t.cells["Q2_K"]["imatrix"], t.cells["Q4_K_M"]["imatrix"]]
+    fig = bench.figure(t)
+    kld_axis = fig.axes[1]
+    curves = [line for line in kld_axis.get_lines() if len(line.get_xdata()) == 2 and line.get_linestyle() == "-"]
+    assert len(curves) == 1 and list(curves[0].get_ydata()) == [t.cells["mix@Q2_K"]["kld_mean"],
+                                                               t.cells["mix@Q4_K_M"]["kld_mean"]]
+    assert (tmp_path / "demo.png").is_file()
+
+
+def test_mix_and_both_settings_are_checked_first(tiny_llama3_gguf, tmp_path):
+    with pytest.raises(bench.UsageError):
+        bench.bench(tiny_llama3_gguf, types=["Q8_0"], out=tmp_path / "t", imatrix_both=True)
+    with pytest.raises(bench.UsageError):
+        bench.bench(tiny_llama3_gguf, types=["Q8_0"], out=tmp_path / "t", mix=["Q9_9"])
+    with pytest.raises(bench.UsageError):
+        bench.bench(tiny_llama3_gguf, types=["Q8_0"], out=tmp_path / "t", mix=["Q8_0"], mix_measure="guess")
+    assert not list(tmp_path.iterdir())

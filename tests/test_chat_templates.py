@@ -5,11 +5,10 @@ streaming; `cl3 info --check` flags what makes chats loop or get cut off.
 The Alpaca-2 reference is a port of the authors' own prompt building (ymcui/Chinese-LLaMA-Alpaca-2,
 scripts/openai_server_demo/openai_api_server.py: generate_prompt / generate_chat_prompt), tokenized by the
 `sentencepiece` library the way their LlamaTokenizer(legacy=True) does. The checkpoint uses the authors' real
-55,296-piece tokenizer.model (scripts/tokenizer/tokenizer.model in their repository) when it is available, found at
-$CL3_CHINESE_LLAMA2_TOKENIZER or ~/.cache/cl3-reference/chinese-llama-alpaca-2/tokenizer.model and checked by its
-SHA-256; otherwise a tiny SentencePiece model extended to 55,296 pieces the way the authors extended Llama-2's
-(new pieces appended to the ModelProto with score 0, as their merge_tokenizers.py does), and the tests that need the
-real vocabulary say so and skip.
+55,296-piece tokenizer.model (scripts/tokenizer/tokenizer.model in their repository, Apache-2.0, kept in
+tests/data/chinese-llama-2/; $CL3_CHINESE_LLAMA2_TOKENIZER may point at another copy), checked by its SHA-256; and
+also a tiny SentencePiece model extended to 55,296 pieces the way the authors extended Llama-2's (new pieces appended
+to the ModelProto with score 0, as their merge_tokenizers.py does).
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ LONG = LONG_PIECES[-1]  # 48 bytes
 
 def real_tokenizer() -> Path | None:
     env = os.environ.get("CL3_CHINESE_LLAMA2_TOKENIZER")
-    path = Path(env) if env else Path.home() / ".cache" / "cl3-reference" / "chinese-llama-alpaca-2" / "tokenizer.model"
+    path = Path(env) if env else Path(__file__).parent / "data" / "chinese-llama-2" / "tokenizer.model"
     if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == REAL_TOKENIZER_SHA256:
         return path
     return None
@@ -127,8 +126,8 @@ def alpaca2(request, tmp_path_factory):
     if request.param == "real":
         path = real_tokenizer()
         if path is None:
-            pytest.skip("the real Chinese-LLaMA-2 tokenizer.model (ymcui/Chinese-LLaMA-Alpaca-2, scripts/tokenizer/) is "
-                        "not at $CL3_CHINESE_LLAMA2_TOKENIZER or ~/.cache/cl3-reference/chinese-llama-alpaca-2/")
+            pytest.fail("the real Chinese-LLaMA-2 tokenizer.model (ymcui/Chinese-LLaMA-Alpaca-2, scripts/tokenizer/) is "
+                        "missing from tests/data/chinese-llama-2/ or $CL3_CHINESE_LLAMA2_TOKENIZER, or differs from it")
         model = path.read_bytes()
     else:
         model = extended_tokenizer()

@@ -133,6 +133,54 @@ def test_kld_matches_direct_float64_computation(tiny_llama3_gguf, tiny_q4_0, tmp
     assert result.kld.kld_median <= result.kld.kld_p95 <= result.kld.kld_p99 <= result.kld.kld_max
 
 
+def _full_log_probs(model, tokens, n_ctx: int, chunks: int) -> np.ndarray:
+    """Float64 log-probabilities at the scored positions, straight from the model's logits."""
+    rows = []
+    with llama.Model(model) as m, llama.Context(m, n_ctx=n_ctx, n_batch=n_ctx) as ctx:
+        for c in range(chunks):
+            chunk = tokens[c * n_ctx:(c + 1) * n_ctx].copy()
+            chunk[0] = m.bos
+            ctx.clear()
+            ctx.decode(chunk, np.arange(n_ctx, dtype=np.int32), np.zeros(n_ctx, np.int32), np.ones(n_ctx, np.int8))
+            x = ctx.logits(n_ctx)[n_ctx // 2:n_ctx - 1].astype(np.float64)
+            x -= x.max(1, keepdims=True)
+            rows.append(x - np.log(np.exp(x).sum(1, keepdims=True)))
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_compact_base_is_small_and_its_error_is_the_tail_divergence(tiny_llama3_gguf, tiny_q4_0, tmp_path, top_k):
+    """The compact base (top k + the rest's mass) is 10x smaller than llama.cpp's by default, and its KLD is the true
+    one minus p_rest * KL(P_rest || Q_rest), the divergence inside the tail, computed here from both models' full
+    logits in float64. PPL, Δp and same-top come out as with the full base."""
+    n_ctx, chunks = 64, 3
+    full, compact = tmp_path / "full.logits", tmp_path / "compact.logits"
+    measure.save_base_logits(tiny_llama3_gguf, full, TEXT, n_ctx=n_ctx, chunks=chunks)
+    measure.save_base_logits(tiny_llama3_gguf, compact, TEXT, n_ctx=n_ctx, chunks=chunks, compact=True, top_k=top_k)
+    n_vocab = llama.Model(tiny_llama3_gguf, vocab_only=True).n_vocab
+    k = top_k or n_vocab // 48
+    assert compact.stat().st_size == measure.base_logits_size(n_vocab, n_ctx, chunks, k)
+    assert full.stat().st_size >= 10 * compact.stat().st_size
+    a = measure.perplexity(tiny_q4_0, None, kld_base=full).kld
+    b = measure.perplexity(tiny_q4_0, None, kld_base=compact).kld
+
+    tokens = llama.Model(tiny_llama3_gguf, vocab_only=True).tokenize(TEXT)
+    lp, lq = _full_log_probs(tiny_llama3_gguf, tokens, n_ctx, chunks), _full_log_probs(tiny_q4_0, tokens, n_ctx, chunks)
+    true = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    top = np.argsort(-lp, axis=1)[:, :k]
+    tail = np.ones_like(lp, dtype=bool)
+    np.put_along_axis(tail, top, False, axis=1)
+    p_rest, q_rest = (np.exp(lp) * tail).sum(1), (np.exp(lq) * tail).sum(1)
+    inside = (np.exp(lp) * (lp - lq) * tail).sum(1) - p_rest * np.log(p_rest / q_rest)
+    print(f"\ncompact base k={k}: KLD {b.kld_mean:.6f} vs {float(true.mean()):.6f}, tail mass {b.base_tail_mass:.3f}")
+    assert b.kld_mean == pytest.approx(float((true - inside).mean()), rel=1e-3)
+    assert b.kld_mean <= float(true.mean()) and b.base_top_k == k
+    assert b.base_tail_mass == pytest.approx(float(p_rest.mean()), rel=1e-4)
+    assert a.base_tail_mass is None
+    assert (b.ppl, b.same_top, b.count if hasattr(b, "count") else 0) == (pytest.approx(a.ppl, rel=1e-6), a.same_top, 0)
+    assert b.ppl_base == pytest.approx(a.ppl_base, rel=1e-3) and b.dp_mean == pytest.approx(a.dp_mean, abs=1e-3)
+
+
 def test_kld_of_a_model_against_itself_is_zero(tiny_llama3_gguf, tmp_path):
     base = tmp_path / "self.logits"
     measure.save_base_logits(tiny_llama3_gguf, base, TEXT, n_ctx=64, chunks=2)
@@ -236,3 +284,51 @@ def test_kld_parity_with_llama_perplexity(reference_bin, tiny_llama3_gguf, tiny_
     log = _run_tool(tool, "-m", tiny_q4_0, "-c", 64, "--kl-divergence-base", mine, "--kl-divergence", want=r"Same top p:\s+[\d.]+ ")
     kld2 = float(re.search(r"Mean    KLD:\s+([-\d.]+)", log).group(1))
     assert kld2 == pytest.approx(kld, rel=5e-3, abs=2e-6)
+
+
+_NUM = r"\s*:?\s*([-\d.]+)"
+# every statistic llama-perplexity --kl-divergence prints: (its label, KldStats field, scale)
+KLD_LINES = [("Mean PPL(Q)", "ppl", 1), ("Mean PPL(base)", "ppl_base", 1),
+             ("Cor(ln(PPL(Q)), ln(PPL(base)))", "ln_ppl_cor", 100),
+             ("Mean ln(PPL(Q)/PPL(base))", "ln_ppl_ratio", 1), ("Mean PPL(Q)/PPL(base)", "ppl_ratio", 1),
+             ("Mean PPL(Q)-PPL(base)", "ppl_diff", 1), ("Mean    KLD", "kld_mean", 1),
+             ("Maximum KLD", "kld_max", 1), ("Median  KLD", "kld_median", 1), ("Minimum KLD", "kld_min", 1),
+             ("Mean    Δp", "dp_mean", 100), ("Maximum Δp", "dp_max", 100), ("Median  Δp", "dp_median", 100),
+             ("Minimum Δp", "dp_min", 100), ("RMS Δp    ", "dp_rms", 100), ("Same top p", "same_top", 100)]
+KLD_LINES += [(f"{p}%   KLD", f"kld_{k}", 1) for p, k in (("99.9", "p99_9"), ("99.0", "p99"), ("95.0", "p95"),
+                                                          ("90.0", "p90"), ("10.0", "p10"), (" 5.0", "p5"),
+                                                          (" 1.0", "p1"), (" 0.1", "p0_1"))]
+KLD_LINES += [(f"{p}%   Δp", f"dp_{k}", 100) for p, k in (("99.9", "p99_9"), ("99.0", "p99"), ("95.0", "p95"),
+                                                         ("90.0", "p90"), ("75.0", "p75"), ("25.0", "p25"),
+                                                         ("10.0", "p10"), (" 5.0", "p5"), (" 1.0", "p1"),
+                                                         (" 0.1", "p0_1"))]
+ERRORS = {"ppl": "ppl_stderr", "ppl_base": "ppl_base_stderr", "ln_ppl_ratio": "ln_ppl_ratio_stderr",
+          "ppl_ratio": "ppl_ratio_stderr", "ppl_diff": "ppl_diff_stderr", "kld_mean": "kld_stderr",
+          "dp_mean": "dp_stderr", "dp_rms": "dp_rms_stderr", "same_top": "same_top_stderr"}
+
+
+def test_every_kld_statistic_equals_llama_perplexity(reference_bin, tiny_llama3_gguf, tiny_q4_0, tmp_path):
+    """Each number llama-perplexity --kl-divergence prints (means with their ± errors, the KLD and Δp
+    percentiles, correlation, PPL ratio and difference, same top) against cl3's, on the same base file."""
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 6, encoding="utf-8")
+    base = tmp_path / "ref.logits"
+    tool = str(reference_bin / "llama-perplexity")
+    _run_tool(tool, "-m", tiny_llama3_gguf, "-f", text, "-c", 64, "--kl-divergence-base", base, want=FINAL_ESTIMATE)
+    log = _run_tool(tool, "-m", tiny_q4_0, "-c", 64, "--kl-divergence-base", base, "--kl-divergence",
+                    want=r"Same top p:\s+[\d.]+ ")
+    result = measure.perplexity(tiny_q4_0, None, kld_base=base)
+    ours = result.kld
+    assert result.tokens >= 100  # llama-perplexity prints no statistics below 100 tokens
+    log = log[log.index("====== Perplexity statistics"):]
+    for label, key, scale in KLD_LINES:
+        m = re.search(re.escape(label) + _NUM + r"(?:\s*%?\s*±\s*([\d.]+))?", log)
+        assert m and "." in m.group(1), (label, log)
+        theirs = float(m.group(1))
+        digits = len(m.group(1).split(".")[1])
+        tolerance = max(1.5 * 10 ** -digits, 5e-3 * abs(theirs))
+        assert scale * getattr(ours, key) == pytest.approx(theirs, abs=tolerance), (label, getattr(ours, key), theirs)
+        if m.group(2) and key in ERRORS:
+            err = float(m.group(2))
+            assert scale * getattr(ours, ERRORS[key]) == pytest.approx(err, abs=max(1.5 * 10 ** -digits, 5e-3 * err)), \
+                label

@@ -52,8 +52,15 @@ def bench(
                                                                       "table each plus a combined one.")],
     types: Types = None,
     imatrix: Annotated[Optional[str], typer.Option(
-        "--imatrix", metavar="[FILE]", help="Quantize with this importance matrix; alone: compute one on cl3's "
-                                            "built-in calibration text (cached).")] = None,
+        "--imatrix", metavar="[FILE|both]", help="Quantize with this importance matrix; alone: compute one on cl3's "
+                                                 "built-in calibration text (cached); both: each type with and "
+                                                 "without that one, the better kept and marked.")] = None,
+    mix: Annotated[Optional[list[str]], typer.Option(
+        "--mix", metavar="TYPES", help="Add cl3's per-tensor mixes at the file sizes of these types (columns "
+                                       "mix@TYPE); comma-separated or repeated.")] = None,
+    measure: Annotated[str, typer.Option(
+        "--measure", metavar="MODE", help="The mixes' sensitivity: auto, all, anchors, sample or proxy (see cl3 "
+                                          "quantize --measure).")] = "auto",
     ctx_size: CtxSize = 8192,
     chunks: Chunks = None,
     text: TextFile = None,
@@ -93,6 +100,8 @@ def bench(
 
     if (shared or ray_cpus is not None) and ray is None:
         raise UsageError("--shared and --ray-cpus go with --ray")
+    if ray is not None and (imatrix == "both" or mix):
+        raise UsageError("--imatrix both and --mix run on this machine only (not yet with --ray)")
     if ray is not None:
         bench_ray.import_ray()  # a clear line before any work when Ray is missing
     published = bench_mod.read_table_csv(compare) if compare else None  # bad --compare fails before any work
@@ -111,9 +120,11 @@ def bench(
     def stage(description: str, unit: str):
         return progress_bar(description, unit=unit, quiet=quiet)
 
-    settings = dict(types=_split_types(types), imatrix=imatrix_choice(imatrix), ctx=ctx_size, chunks=chunks,
-                    text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+    both = imatrix == "both"
+    settings = dict(types=_split_types(types), imatrix=True if both else imatrix_choice(imatrix), ctx=ctx_size,
+                    chunks=chunks, text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                     threads=threads, n_gpu_layers=n_gpu_layers, stage=stage)
+    local = dict(imatrix_both=both, mix=_split_types(mix), mix_measure=measure)
     if ray is not None:
         with cluster_view(quiet) as on_status:
             result = bench_ray.bench_on_ray(paths, out=output, address=ray, shared=shared, cpus_per_cell=ray_cpus,
@@ -123,7 +134,7 @@ def bench(
             tables, stems = [*tables, result.combined], [*stems, result.combined_out]
     else:
         stems = bench_ray.table_stems(paths, output)
-        tables = [bench_mod.bench(src, out=stem, **settings) for src, stem in zip(paths, stems)]
+        tables = [bench_mod.bench(src, out=stem, **settings, **local) for src, stem in zip(paths, stems)]
         if len(tables) > 1:
             tables.append(bench_mod.combine(tables, "combined"))
             stems.append(stems[0].parent / "combined")

@@ -47,6 +47,11 @@ def ppl(
     save_kld_base: Annotated[Optional[Path], typer.Option(
         "--save-kld-base", metavar="FILE", help="Write this model's logits as a KLD base file (llama-perplexity "
                                                 "--kl-divergence-base format).")] = None,
+    compact: Annotated[bool, typer.Option(
+        "--compact", help="With --save-kld-base: cl3's compact base (each token's top k log-probabilities and the "
+                          "rest's mass; 10x smaller by default; its KLD is a lower bound).")] = False,
+    top_k: Annotated[Optional[int], typer.Option(
+        "--top-k", metavar="K", help="Tokens kept per position in a compact base (default: vocabulary / 48).")] = None,
     threads: Threads = None,
     n_gpu_layers: GpuLayers = -1,
     force: Force = False,
@@ -56,7 +61,10 @@ def ppl(
     """Perplexity of MODEL on a text, the way llama-perplexity computes it (and KL divergence with --kld-base)."""
     from .. import measure
     from ..calibration import read_text_files
+    from ..errors import UsageError
 
+    if (compact or top_k is not None) and save_kld_base is None:
+        raise UsageError("--compact and --top-k describe the base file --save-kld-base writes")
     body = read_text_files([text]) if text is not None else None
     with _running_ppl_bar(quiet or as_json) as bar:
         task = bar.add_task("perplexity", total=None, ppl="…")
@@ -70,7 +78,7 @@ def ppl(
         if save_kld_base is not None:
             result = measure.save_base_logits(model, save_kld_base, body, n_ctx=ctx_size, n_batch=batch_size,
                                               chunks=chunks, threads=threads, n_gpu_layers=n_gpu_layers,
-                                              force=force, progress=progress)
+                                              compact=compact, top_k=top_k, force=force, progress=progress)
         else:
             result = measure.perplexity(model, body, n_ctx=ctx_size, n_batch=batch_size, chunks=chunks,
                                         threads=threads, n_gpu_layers=n_gpu_layers, kld_base=kld_base,
@@ -83,24 +91,46 @@ def ppl(
     if save_kld_base is not None:
         out.print(f"wrote the KLD base {save_kld_base} ({save_kld_base.stat().st_size / 2**20:.1f} MiB)")
     if result.kld is not None:
-        k = result.kld
-        table = Table(title=f"KL divergence vs {kld_base}", show_header=True)
-        table.add_column("statistic")
-        table.add_column("value", justify="right")
-        rows = [
-            ("Mean PPL(base)", f"{k.ppl_base:.6f} ± {k.ppl_base_stderr:.6f}"),
-            ("Mean ln(PPL(Q)/PPL(base))", f"{k.ln_ppl_ratio:.6f} ± {k.ln_ppl_ratio_stderr:.6f}"),
-            ("Mean KLD", f"{k.kld_mean:.6f} ± {k.kld_stderr:.6f}"),
-            ("Median KLD", f"{k.kld_median:.6f}"),
-            ("95% KLD", f"{k.kld_p95:.6f}"),
-            ("99% KLD", f"{k.kld_p99:.6f}"),
-            ("Maximum KLD", f"{k.kld_max:.6f}"),
-            ("RMS Δp", f"{100 * k.dp_rms:.3f} ± {100 * k.dp_rms_stderr:.3f} %"),
-            ("Same top p", f"{100 * k.same_top:.3f} ± {100 * k.same_top_stderr:.3f} %"),
-        ]
-        for name, value in rows:
-            table.add_row(name, value)
-        out.print(table)
+        print_kld(result.kld, kld_base)
+
+
+def print_kld(k, base) -> None:
+    """Every statistic llama-perplexity --kl-divergence prints, in its order."""
+    def pct(x: float) -> str:
+        return f"{100 * x:.3f} %"
+
+    rows = [
+        ("Mean PPL(Q)", f"{k.ppl:.6f} ± {k.ppl_stderr:.6f}"),
+        ("Mean PPL(base)", f"{k.ppl_base:.6f} ± {k.ppl_base_stderr:.6f}"),
+        ("Cor(ln(PPL(Q)), ln(PPL(base)))", f"{100 * k.ln_ppl_cor:.2f} %"),
+        ("Mean ln(PPL(Q)/PPL(base))", f"{k.ln_ppl_ratio:.6f} ± {k.ln_ppl_ratio_stderr:.6f}"),
+        ("Mean PPL(Q)/PPL(base)", f"{k.ppl_ratio:.6f} ± {k.ppl_ratio_stderr:.6f}"),
+        ("Mean PPL(Q)-PPL(base)", f"{k.ppl_diff:.6f} ± {k.ppl_diff_stderr:.6f}"),
+        ("Mean KLD", f"{k.kld_mean:.6f} ± {k.kld_stderr:.6f}"),
+        ("Maximum KLD", f"{k.kld_max:.6f}"),
+        *[(f"{label} KLD", f"{getattr(k, 'kld_' + key):.6f}") for label, key in
+          (("99.9%", "p99_9"), ("99.0%", "p99"), ("95.0%", "p95"), ("90.0%", "p90"), ("Median", "median"),
+           ("10.0%", "p10"), ("5.0%", "p5"), ("1.0%", "p1"), ("0.1%", "p0_1"))],
+        ("Minimum KLD", f"{k.kld_min:.6f}"),
+        ("Mean Δp", f"{100 * k.dp_mean:.3f} ± {100 * k.dp_stderr:.3f} %"),
+        ("Maximum Δp", pct(k.dp_max)),
+        *[(f"{label} Δp", pct(getattr(k, "dp_" + key))) for label, key in
+          (("99.9%", "p99_9"), ("99.0%", "p99"), ("95.0%", "p95"), ("90.0%", "p90"), ("75.0%", "p75"),
+           ("Median", "median"), ("25.0%", "p25"), ("10.0%", "p10"), ("5.0%", "p5"), ("1.0%", "p1"),
+           ("0.1%", "p0_1"))],
+        ("Minimum Δp", pct(k.dp_min)),
+        ("RMS Δp", f"{100 * k.dp_rms:.3f} ± {100 * k.dp_rms_stderr:.3f} %"),
+        ("Same top p", f"{100 * k.same_top:.3f} ± {100 * k.same_top_stderr:.3f} %"),
+    ]
+    table = Table(title=f"KL divergence vs {base}", show_header=True)
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+    if k.base_top_k:
+        out.print(f"[dim]compact base: the top {k.base_top_k} tokens hold {100 * (1 - k.base_tail_mass):.2f} % of "
+                  "the base's probability; the KLD leaves out the divergence inside the rest (a lower bound).[/]")
 
 
 @app.command()

@@ -59,7 +59,8 @@ FLAGS = {"imatrix": "--imatrix", "imatrix_chunks": "--imatrix-chunks", "n_ctx": 
          "chat_template": "--chat-template", "pre_tokenizer": "--pre-tokenizer", "allow_pickle": "--allow-pickle",
          "repetitions": "-r/--repetitions", "out": "-o/--output", "output_tensor_type": "--output-tensor-type",
          "token_embedding_type": "--token-embedding-type", "dtype": "--dtype", "source": "--source",
-         "outtype": "--outtype", "system": "--system"}
+         "outtype": "--outtype", "system": "--system", "target_size": "--target-size", "target_bpw": "--target-bpw",
+         "measure": "--measure", "sensitivity_chunks": "--sensitivity-chunks", "top_k": "--top-k"}
 
 
 def hint(param: str | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated, Optional
 
 import typer
@@ -37,16 +38,34 @@ def quantize(
                                                                                     "unquantized.")] = False,
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept an already quantized source "
                                                                               "(quality suffers).")] = False,
+    target_size: Annotated[Optional[str], typer.Option(
+        "--target-size", metavar="SIZE", help="Instead of a type: the per-tensor mix of least KL divergence whose "
+                                              "file fits SIZE (4.58GiB, 4.9GB, 600MiB, bytes).")] = None,
+    target_bpw: Annotated[Optional[float], typer.Option(
+        "--target-bpw", metavar="BPW", help="Instead of a type: the best mix of at most BPW bits per weight "
+                                            "(as llama.cpp counts them).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With a target: show the plan, quantize "
+                                                            "nothing.")] = False,
+    measure: Annotated[str, typer.Option(
+        "--measure", metavar="MODE", help="How a mix's sensitivity is found: all (measure every tensor and type), "
+                                          "anchors (every tensor at Q2_K/Q4_K/Q6_K), sample (a few layers), proxy "
+                                          "(quantization error only); auto picks by model size.")] = "auto",
+    sensitivity_chunks: Annotated[int, typer.Option(
+        "--sensitivity-chunks", metavar="N", help="512-token chunks of the calibration text each sensitivity "
+                                                  "measurement scores.")] = 4,
     force: Force = False,
     quiet: Quiet = False,
     list_types: Annotated[bool, typer.Option("--list-types", help="List the file types and exit.")] = False,
 ) -> None:
-    """Quantize a model with llama.cpp (several types in one run; importance matrix optional).
+    """Quantize a model with llama.cpp (several types in one run; importance matrix optional), or to a size.
 
-    Outputs default to {name}-{size}-{TYPE}.gguf beside the source (-im added when an imatrix is used).
+    Outputs default to {name}-{size}-{TYPE}.gguf beside the source (-im added when an imatrix is used). With
+    --target-size or --target-bpw: {name}-{size}-mix-{target}.gguf, its recipe beside it (.tensor-types.txt for
+    llama-quantize --tensor-type-file, .recipe.json with the whole llama-quantize command).
     """
     from ..errors import UsageError
     from ..hub import resolve_source
+    from ..mix import Target
     from ..quantize import ALIASES, file_types
     from ..quantize import quantize as run_quantize
 
@@ -58,8 +77,15 @@ def quantize(
             out.print(f"{name:10} {'; '.join(notes)}".rstrip(), highlight=False)
         return
     all_types = [*(type_args or []), *(types or [])]
-    if src is None or not all_types:
-        raise UsageError("give a source model and a type, e.g. `cl3 quantize model-F16.gguf Q4_K_M`")
+    if target_size is not None and target_bpw is not None:
+        raise UsageError("give --target-size or --target-bpw, not both")
+    target = Target.size(target_size) if target_size is not None else (
+        Target.bits(target_bpw) if target_bpw is not None else None)
+    if dry_run and target is None:
+        raise UsageError("--dry-run shows a mix's plan; give --target-size or --target-bpw")
+    if src is None or (not all_types and target is None):
+        raise UsageError("give a source model and a type, e.g. `cl3 quantize model-F16.gguf Q4_K_M`, or a target "
+                         "(--target-size 4.58GiB)")
 
     def stage(description: str, unit: str):
         return progress_bar(description, unit=unit, quiet=quiet)
@@ -68,9 +94,46 @@ def quantize(
                           threads=threads, n_gpu_layers=n_gpu_layers, output_tensor_type=output_tensor_type,
                           token_embedding_type=token_embedding_type, pure=pure,
                           leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize,
-                          imatrix_chunks=imatrix_chunks, force=force, stage=stage)
+                          imatrix_chunks=imatrix_chunks, force=force, target=target, measure=measure,
+                          sensitivity_chunks=sensitivity_chunks, dry_run=dry_run, on_plan=print_plan, stage=stage)
     if result.imatrix_file is not None:
         note = " (reused)" if result.imatrix_reused else ""
         err.print(f"imatrix: {result.imatrix_file}{note}", highlight=False)
     for path in result.outputs:
         out.print(f"wrote {path} ({path.stat().st_size / 1024**2:.1f} MiB)", highlight=False, soft_wrap=True)
+    if result.mix is not None:
+        m = result.mix
+        out.print(f"measured KLD {m.measured_kld:.5f} (predicted {m.plan.predicted_kld:.5f}) on "
+                  f"{m.plan.metadata['cl3.mix.kld_text']}", highlight=False, soft_wrap=True)
+        out.print(f"wrote {m.recipe} and {m.recipe_json}; stock llama.cpp makes the same file with:",
+                  highlight=False, soft_wrap=True)
+        out.print("  " + shlex.join(m.command), highlight=False, soft_wrap=True, markup=False)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def print_plan(plan) -> None:
+    """The mix before it is made: type, size and predicted KLD per tensor, and llama.cpp's types beside it."""
+    from rich.table import Table
+
+    from ..mix import describe_plan
+
+    s = plan.sensitivity
+    t = Table(title=f"mix for {plan.target.label}: {_size(plan.size_bytes)}, {plan.bpw:.2f} BPW, predicted KLD "
+                    f"{plan.predicted_kld:.5f} (sensitivity: {s.mode}, {s.measurements} measurements)")
+    for col in ("tensor", "type", "size", "predicted KLD"):
+        t.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+    for row in describe_plan(plan):
+        t.add_row(row["tensor"], row["type"], _size(row["bytes"]),
+                  f"{row['predicted_kld']:.5f}" + ("" if row["measured"] else "*"))
+    out.print(t)
+    std = Table(title="llama.cpp's types on the same sensitivity")
+    for col in ("type", "size", "BPW", "predicted KLD"):
+        std.add_column(col, justify="left" if col == "type" else "right")
+    for name, v in plan.standard.items():
+        kld = v["predicted_kld"]
+        std.add_row(name, _size(v["size_bytes"]), f"{v['bpw']:.2f}", "" if kld is None else f"{kld:.5f}")
+    out.print(std)
+    out.print("[dim]* predicted from the quantization error (not measured for this type)[/]")

@@ -4,14 +4,15 @@ ctypes structures or ggml's C API lives in this package, in files named after wh
 - ``library``: llama.cpp loaded once (backend, bundled ggml libraries)
 - ``log``: llama.cpp's log captured for error messages
 - ``model``: :class:`Model` (loading) and :class:`Context` (tokens in, logits out, eval callback)
-- ``tensors``: the ggml tensor mirror the imatrix callback reads; ggml type sizes
-- ``quantization``: ``llama_model_quantize``, file types, dry-run plans
-- ``gguf_file``: GGUF metadata through ggml's C reader
+- ``tensors``: the ggml tensor mirror the imatrix callback reads; ggml type sizes; rows quantized and
+  dequantized by ggml itself
+- ``quantization``: ``llama_model_quantize`` (with per-tensor type patterns), file types, dry-run plans
+- ``gguf_file``: GGUF metadata through ggml's C reader; the exact size of a quantized file
 - ``hardware``: devices, threads, the AMX check
 - ``llama_class``: what chat and serve need around llama-cpp-python's ``Llama``
 """
 
-from .gguf_file import GgufFile, TensorInfo, check_gguf_path
+from .gguf_file import GgufFile, TensorInfo, check_gguf_path, quantized_file_size
 from .hardware import (
     backend_info,
     backend_label,
@@ -28,8 +29,13 @@ from .tensors import (
     GGML_OP_MUL_MAT_ID,
     GGML_TYPE_F32,
     GgmlTensor,
+    block_size,
+    dequantize_rows,
     ggml_type_by_name,
     ggml_type_name,
+    is_quantized,
+    quantize_rows,
+    requires_imatrix,
     tensor_array,
     tensor_at,
     tensor_name,
@@ -39,8 +45,10 @@ from .tensors import (
 
 __all__ = [
     "GGML_OP_MUL_MAT", "GGML_OP_MUL_MAT_ID", "GGML_TYPE_F32", "Context", "EvalCallback", "FileType", "GgmlTensor",
-    "GgufFile", "Model", "TensorInfo", "backend_info", "backend_label", "check_gguf_path", "context_memory_plan",
-    "devices", "eog_token_ids", "file_types", "ggml_type_by_name", "ggml_type_name", "gpu_offload_supported",
-    "log_errors_since", "log_listener", "mark_log", "physical_cpu_count", "prepare_for_llama", "quantize_file",
-    "quantize_plan", "tensor_array", "tensor_at", "tensor_name", "tensor_nbytes", "tensor_rows", "token_piece",
+    "GgufFile", "Model", "TensorInfo", "backend_info", "backend_label", "block_size", "check_gguf_path",
+    "context_memory_plan", "dequantize_rows", "devices", "eog_token_ids", "file_types", "ggml_type_by_name",
+    "ggml_type_name", "gpu_offload_supported", "is_quantized", "log_errors_since", "log_listener", "mark_log",
+    "physical_cpu_count", "prepare_for_llama", "quantize_file", "quantize_plan", "quantize_rows",
+    "quantized_file_size", "requires_imatrix", "tensor_array", "tensor_at", "tensor_name", "tensor_nbytes",
+    "tensor_rows", "token_piece",
 ]

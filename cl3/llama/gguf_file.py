@@ -61,6 +61,11 @@ def _api() -> ctypes.CDLL:
     declare(lib, "gguf_get_tensor_ne", c.POINTER(c.c_int64), ctx, i64)
     declare(lib, "gguf_get_tensor_offset", c.c_size_t, ctx, i64)
     declare(lib, "gguf_get_tensor_size", c.c_size_t, ctx, i64)
+    declare(lib, "gguf_set_val_u32", None, ctx, c.c_char_p, c.c_uint32)
+    declare(lib, "gguf_set_val_str", None, ctx, c.c_char_p, c.c_char_p)
+    declare(lib, "gguf_remove_key", i64, ctx, c.c_char_p)
+    declare(lib, "gguf_set_tensor_type", None, ctx, c.c_char_p, c.c_int)
+    declare(lib, "gguf_get_meta_size", c.c_size_t, ctx)
     return lib
 
 
@@ -205,3 +210,42 @@ class GgufFile:
         """Element ``index`` of a string array (e.g. one token's text) without reading the others."""
         kid = self._id(key)
         return self._lib.gguf_get_arr_str(self._ctx, kid, index).decode("utf-8", errors="replace")
+
+
+GGML_QNT_VERSION = 2  # ggml.h; llama.cpp's quantizer writes it as general.quantization_version
+_SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+
+
+def quantized_file_size(src: str | os.PathLike, tensor_types: dict[str, int], ftype: int,
+                        metadata: dict[str, str | int] | None = None) -> int:
+    """The exact size of the GGUF llama.cpp's quantizer writes from ``src`` when tensor ``name`` gets ggml type
+    ``tensor_types[name]`` (others keep theirs), as general.file_type ``ftype`` with ``metadata`` overrides.
+
+    The header is built the way llama_model_quantize builds it (the source's keys, quantization version, file type,
+    the overrides as strings or u32, split keys removed), by ggml's own gguf code, and measured with
+    ``gguf_get_meta_size``; each tensor's data is padded to the alignment.
+    """
+    path = check_gguf_path(src)
+    lib = _api()
+    mark = mark_log()
+    ctx = lib.gguf_init_from_file(os.fsencode(path), _InitParams(True, None))
+    if not ctx:
+        raise InputError(f"{path} is not a readable GGUF file ({log_errors_since(mark, 1) or 'damaged header'})")
+    try:
+        lib.gguf_set_val_u32(ctx, b"general.quantization_version", GGML_QNT_VERSION)
+        lib.gguf_set_val_u32(ctx, b"general.file_type", ftype)
+        for key in _SPLIT_KEYS:
+            lib.gguf_remove_key(ctx, key.encode())
+        for key, value in (metadata or {}).items():
+            if isinstance(value, int):
+                lib.gguf_set_val_u32(ctx, key.encode(), abs(value))
+            else:
+                lib.gguf_set_val_str(ctx, key.encode(), str(value).encode()[:127])
+        for name, ggml_type in tensor_types.items():
+            lib.gguf_set_tensor_type(ctx, name.encode(), ggml_type)
+        alignment = int(lib.gguf_get_alignment(ctx))
+        data = sum(-(-int(lib.gguf_get_tensor_size(ctx, i)) // alignment) * alignment
+                   for i in range(lib.gguf_get_n_tensors(ctx)))
+        return int(lib.gguf_get_meta_size(ctx)) + data
+    finally:
+        lib.gguf_free(ctx)

@@ -66,10 +66,13 @@ def quantize_file(src: pathlib.Path, dst: pathlib.Path, ftype: int, *, threads: 
                   imatrix: dict[str, np.ndarray] | None = None, metadata: dict[str, str | int] | None = None,
                   output_tensor_type: int | None = None, token_embedding_type: int | None = None,
                   pure: bool = False, leave_output_tensor: bool = False, allow_requantize: bool = False,
-                  dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> None:
+                  tensor_types: list[tuple[str, int]] | None = None, dry_run: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> None:
     """Run ``llama_model_quantize(src, dst)``. ``imatrix`` maps weight names to per-column importances (float32,
     already divided by the counts), passed as the NULL-terminated ``llama_model_imatrix_data`` array llama.h offers;
-    ``metadata`` becomes key/value overrides in the output (string or int values), as llama-quantize does."""
+    ``metadata`` becomes key/value overrides in the output (string or int values), as llama-quantize does.
+    ``tensor_types``: (regex, ggml type) pairs, llama-quantize's ``--tensor-type`` (``tt_overrides``): the first
+    pattern found in a tensor's name decides its type."""
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
@@ -110,6 +113,16 @@ def quantize_file(src: pathlib.Path, dst: pathlib.Path, ftype: int, *, threads: 
         overrides[len(metadata)].key = b""  # terminator
         keep_alive.append(overrides)
         params.kv_overrides = overrides
+    if tensor_types:
+        patterns = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, ggml_type) in enumerate(tensor_types):
+            text = ctypes.c_char_p(pattern.encode())
+            keep_alive.append(text)
+            patterns[i].pattern = text.value
+            patterns[i].type = ggml_type
+        patterns[len(tensor_types)].pattern = None  # terminator
+        keep_alive.append(patterns)
+        params.tt_overrides = patterns
 
     def on_line(line: str) -> None:  # llama.cpp logs "[  12/ 291] blk.0.attn_q.weight ..." per tensor
         match = _TENSOR_LINE.match(line)
@@ -134,7 +147,8 @@ def quantize_file(src: pathlib.Path, dst: pathlib.Path, ftype: int, *, threads: 
 _DRY_RUN_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type =\s*(\S+),\s+size =.*?(?:\((\w+)\))?\s*$")
 
 
-def quantize_plan(src: str | os.PathLike, ftype: int) -> dict[str, str]:
+def quantize_plan(src: str | os.PathLike, ftype: int, *, tensor_types: list[tuple[str, int]] | None = None
+                  ) -> dict[str, str]:
     """``llama-quantize --dry-run``: the ggml type llama.cpp's own rules give each tensor of ``src`` for ``ftype``.
 
     Nothing is written and no weight is read (a weight-less GGUF is enough). The decisions are read from the
@@ -147,7 +161,8 @@ def quantize_plan(src: str | os.PathLike, ftype: int) -> dict[str, str]:
             types[m.group(1)] = m.group(3) or m.group(2)
 
     with log_listener(on_line):
-        quantize_file(pathlib.Path(src), pathlib.Path(os.devnull), ftype, threads=1, dry_run=True)
+        quantize_file(pathlib.Path(src), pathlib.Path(os.devnull), ftype, threads=1, tensor_types=tensor_types,
+                      dry_run=True)
     if not types:
         raise LlamaError("llama.cpp's quantization dry run reported no tensors")
     return types

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 
 from ..errors import LlamaError
-from .library import ggml_base, llama_cpp
+from .library import declare, ggml_base, llama_cpp
 
 GGML_MAX_DIMS = 4
 GGML_MAX_SRC = 10
@@ -111,3 +111,78 @@ def tensor_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
     for n in shape[:-1]:
         rows *= int(n)
     return rows * int(ggml_base().ggml_row_size(ggml_type_by_name(type_name), int(shape[-1])))
+
+
+# ------------------------------------------------------------------------------------- quantize / dequantize rows
+
+class _TypeTraits(ctypes.Structure):
+    """Mirror of ``struct ggml_type_traits`` (ggml.h)."""
+
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+@functools.cache
+def _quant_api() -> ctypes.CDLL:
+    lib = ggml_base()
+    c = ctypes
+    declare(lib, "ggml_quantize_chunk", c.c_size_t, c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_int64, c.c_int64,
+            c.c_void_p)
+    declare(lib, "ggml_quantize_requires_imatrix", c.c_bool, c.c_int)
+    declare(lib, "ggml_get_type_traits", c.POINTER(_TypeTraits), c.c_int)
+    declare(lib, "ggml_blck_size", c.c_int64, c.c_int)
+    declare(lib, "ggml_is_quantized", c.c_bool, c.c_int)
+    return lib
+
+
+@functools.cache
+def _to_float(ggml_type: int):
+    traits = _quant_api().ggml_get_type_traits(ggml_type).contents
+    if not traits.to_float:
+        raise LlamaError(f"ggml cannot dequantize {ggml_type_name(ggml_type)}")
+    return _TO_FLOAT(traits.to_float)
+
+
+def block_size(ggml_type: int) -> int:
+    """Elements per quantization block (a row length must be a multiple of it)."""
+    return int(_quant_api().ggml_blck_size(ggml_type))
+
+
+def is_quantized(ggml_type: int) -> bool:
+    return bool(_quant_api().ggml_is_quantized(ggml_type))
+
+
+def requires_imatrix(ggml_type: int) -> bool:
+    """ggml refuses to quantize to this type without an importance matrix (IQ1_*, IQ2_XXS/XS...)."""
+    return bool(_quant_api().ggml_quantize_requires_imatrix(ggml_type))
+
+
+def quantize_rows(ggml_type: int, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """``rows`` (n_rows, n_per_row) quantized by ``ggml_quantize_chunk``, the call llama.cpp's quantizer makes for
+    every tensor (same bytes); ``imatrix``: the per-column importances (n_per_row,). Returns the bytes (uint8)."""
+    lib = _quant_api()
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n_rows, n_per_row = rows.shape
+    out = np.empty(n_rows * int(lib.ggml_row_size(ggml_type, n_per_row)), dtype=np.uint8)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    if weights is not None and weights.shape != (n_per_row,):
+        raise ValueError(f"imatrix of {weights.size} values for rows of {n_per_row}")
+    lib.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row,
+                            None if weights is None else weights.ctypes.data)
+    return out
+
+
+def dequantize_rows(ggml_type: int, data: np.ndarray, n_rows: int, n_per_row: int) -> np.ndarray:
+    """Bytes of ``n_rows`` rows of ``ggml_type`` back to float32, through ggml's own ``to_float``."""
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    if data.size != n_rows * int(ggml_base().ggml_row_size(ggml_type, n_per_row)):
+        raise ValueError("byte count does not match the rows")
+    if ggml_type == GGML_TYPE_F32:  # ggml has no to_float for float32 itself
+        return data.view(np.float32).reshape(n_rows, n_per_row).copy()
+    out = np.empty((n_rows, n_per_row), dtype=np.float32)
+    _to_float(ggml_type)(data.ctypes.data, out.ctypes.data, out.size)
+    return out
