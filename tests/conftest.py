@@ -117,3 +117,13 @@ def one_line_error(proc: subprocess.CompletedProcess, message: str = "") -> str:
     lines = proc.stderr.rstrip("\n").splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], repr(proc.stderr)
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """test_measure's evaluation text as a file (bench's text_file)."""
+    from .test_measure import TEXT
+
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path

@@ -18,13 +18,6 @@ SETTINGS = {"ctx": 64, "chunks": 2, "n_prompt": 32, "n_gen": 4, "repetitions": 1
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "eval.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def table(tiny_llama3_gguf, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("tables") / "Tiny-1.7M-F32"  # dots in the name, as llama.cpp's file names have
     return bench.bench(tiny_llama3_gguf, types=["F16", "Q8_0", "Q4_0"], out=out, text_file=text_file, kld=True,

@@ -112,13 +112,6 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "eval.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def imatrix_file(tiny_llama3_gguf, tmp_path_factory):
     """A small imatrix (a file, so it is shipped to the nodes like the source)."""
     path = tmp_path_factory.mktemp("imatrix") / "tiny.imatrix.gguf"
