@@ -242,6 +242,8 @@ def test_ctrl_c_leaves_a_table_that_a_rerun_completes(cluster, tiny_llama3_gguf,
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (f"interrupted: measured cells are kept in {table}; the same command "
+                                               "continues from there"), stderr
     before = json.loads(table.read_text())["cells"]
     assert 1 <= sum("ppl" in c for c in before.values()) and not all(
         "ppl" in c and c.get("speed") for c in before.values())

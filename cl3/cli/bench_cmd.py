@@ -93,7 +93,7 @@ def bench(
     Ray cluster."""
     from .. import bench as bench_mod
     from .. import bench_ray
-    from ..errors import UsageError
+    from ..errors import Interrupted, UsageError
     from ..files import is_directory_target, output_directory
     from ..hf import check_model_source
     from ..hub import resolve_source
@@ -125,16 +125,24 @@ def bench(
                     chunks=chunks, text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                     threads=threads, n_gpu_layers=n_gpu_layers, stage=stage)
     local = dict(imatrix_both=both, mix=_split_types(mix), mix_measure=measure)
-    if ray is not None:
-        with cluster_view(quiet) as on_status:
-            result = bench_ray.bench_on_ray(paths, out=output, address=ray, shared=shared, cpus_per_cell=ray_cpus,
-                                            on_status=on_status, **settings)
-        tables, stems = result.tables, result.outs
-        if result.combined is not None:
-            tables, stems = [*tables, result.combined], [*stems, result.combined_out]
-    else:
-        stems = bench_ray.table_stems(paths, output)
-        tables = [bench_mod.bench(src, out=stem, **settings, **local) for src, stem in zip(paths, stems)]
+    try:
+        if ray is not None:
+            with cluster_view(quiet) as on_status:
+                result = bench_ray.bench_on_ray(paths, out=output, address=ray, shared=shared,
+                                                cpus_per_cell=ray_cpus, on_status=on_status, **settings)
+            tables, stems = result.tables, result.outs
+            if result.combined is not None:
+                tables, stems = [*tables, result.combined], [*stems, result.combined_out]
+        else:
+            stems = bench_ray.table_stems(paths, output)
+            tables = [bench_mod.bench(src, out=stem, **settings, **local) for src, stem in zip(paths, stems)]
+    except KeyboardInterrupt:
+        kept = [p for p in (bench_mod.table_file(s, ".json") for s in bench_ray.table_stems(paths, output))
+                if p.exists()]
+        if not kept:
+            raise Interrupted("before the first cell was measured; nothing kept") from None
+        raise Interrupted(f"measured cells are kept in {', '.join(map(str, kept))}; the same command "
+                                 "continues from there") from None
         if len(tables) > 1:
             tables.append(bench_mod.combine(tables, "combined"))
             stems.append(stems[0].parent / "combined")
