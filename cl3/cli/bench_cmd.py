@@ -136,17 +136,17 @@ def bench(
         else:
             stems = bench_ray.table_stems(paths, output)
             tables = [bench_mod.bench(src, out=stem, **settings, **local) for src, stem in zip(paths, stems)]
+            if len(tables) > 1:
+                tables.append(bench_mod.combine(tables, "combined"))
+                stems.append(stems[0].parent / "combined")
+                bench_mod.save(tables[-1], stems[-1], final=True)
     except KeyboardInterrupt:
         kept = [p for p in (bench_mod.table_file(s, ".json") for s in bench_ray.table_stems(paths, output))
                 if p.exists()]
         if not kept:
             raise Interrupted("before the first cell was measured; nothing kept") from None
-        raise Interrupted(f"measured cells are kept in {', '.join(map(str, kept))}; the same command "
-                                 "continues from there") from None
-        if len(tables) > 1:
-            tables.append(bench_mod.combine(tables, "combined"))
-            stems.append(stems[0].parent / "combined")
-            bench_mod.save(tables[-1], stems[-1], final=True)
+        raise Interrupted(f"measured cells are kept in {', '.join(map(str, kept))}; the same command continues "
+                          "from there") from None
     for table, stem in zip(tables, stems):
         out.print(bench_mod.render_rich(table))
         written = [bench_mod.table_file(stem, s) for s in bench_mod.TABLE_EXTENSIONS]
