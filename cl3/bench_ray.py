@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -141,6 +142,7 @@ class Board:
         self.moved: dict[str, int] = collections.defaultdict(int)       # node id -> bytes received
         self.seconds = 0.0                                              # spent receiving, all nodes together
         self.copies: collections.Counter = collections.Counter()        # (node id, file) -> times received
+        self.stop_asked = False                                         # the caller was interrupted
 
     def started(self, work_id: str, node: str) -> None:
         self.running[work_id] = {"node": node, "description": "", "done": 0, "total": 0}
@@ -154,6 +156,12 @@ class Board:
         self.moved[node] += n_bytes
         self.seconds += seconds
         self.copies[(node, key)] += 1
+
+    def stop(self) -> None:
+        self.stop_asked = True
+
+    def stopping(self) -> bool:
+        return self.stop_asked
 
     def snapshot(self) -> dict:
         return {"running": dict(self.running), "starts": dict(self.starts), "moved": dict(self.moved),
@@ -336,6 +344,43 @@ def probe_task(settings: bench.BenchSettings, paths: list[str]) -> dict:
     return record
 
 
+def _stoppable(task):
+    """A cell that stops itself when the caller is interrupted: a watcher thread asks the run's Board twice a second
+    and raises KeyboardInterrupt in the task's thread, as ray.cancel would (the cell's atomic outputs clean up, Ray
+    reports TaskCancelledError), but without ray.cancel, whose race with the task's reply aborts Ray 2.60's driver
+    ("Tried to complete task that was not pending", ray-project/ray PR 54798)."""
+    @functools.wraps(task)
+    def cell(run: RunSpec, *args):
+        import _thread
+
+        import ray
+
+        board = ray.get_actor(run.board, namespace=NAMESPACE)
+        lock, done = threading.Lock(), threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.5):
+                try:
+                    stop = ray.get(board.stopping.remote(), timeout=5)
+                except ray.exceptions.RayActorError:  # the board is gone: the run has ended
+                    stop = True
+                except ray.exceptions.RayError:  # a slow answer: ask again
+                    continue
+                with lock:
+                    if stop and not done.is_set():
+                        _thread.interrupt_main()
+                        return
+
+        threading.Thread(target=watch, name="cl3-stop-watch", daemon=True).start()
+        try:
+            return task(run, *args)
+        finally:
+            with lock:
+                done.set()
+    return cell
+
+
+@_stoppable
 def imatrix_task(run: RunSpec, job: bench.BenchJob, work_id: str) -> dict:
     on = _OnNode(run, job, work_id)
     on.need(job.source, on.job.source)
@@ -347,6 +392,7 @@ def imatrix_task(run: RunSpec, job: bench.BenchJob, work_id: str) -> dict:
     return on.result(file=str(caller_path))
 
 
+@_stoppable
 def quantize_task(run: RunSpec, job: bench.BenchJob, type_name: str, work_id: str) -> dict:
     on = _OnNode(run, job, work_id)
     on.need(job.source, on.job.source)
@@ -357,6 +403,7 @@ def quantize_task(run: RunSpec, job: bench.BenchJob, type_name: str, work_id: st
     return on.result(values=bench.size_values(model))
 
 
+@_stoppable
 def kld_base_task(run: RunSpec, job: bench.BenchJob, work_id: str) -> dict:
     on = _OnNode(run, job, work_id)
     on.need(job.model_path("F16"), on.job.model_path("F16"))
@@ -365,6 +412,7 @@ def kld_base_task(run: RunSpec, job: bench.BenchJob, work_id: str) -> dict:
     return on.result()
 
 
+@_stoppable
 def perplexity_task(run: RunSpec, job: bench.BenchJob, type_name: str, work_id: str) -> dict:
     on = _OnNode(run, job, work_id)
     model = on.job.model_path(type_name)
@@ -374,6 +422,7 @@ def perplexity_task(run: RunSpec, job: bench.BenchJob, type_name: str, work_id: 
     return on.result(values=bench.perplexity_values(on.job, type_name, model, on.stage()))
 
 
+@_stoppable
 def speed_task(run: RunSpec, job: bench.BenchJob, type_name: str, work_id: str) -> dict:
     on = _OnNode(run, job, work_id)
     model = on.job.model_path(type_name)
@@ -813,11 +862,9 @@ class _Run:
         """Stop what still runs (interrupted), remove every node's copies and any partial file."""
         ray = self.ray
         refs = [r for r, w in self.inflight.items() if w.step != "fetch"]
-        for ref in refs:  # a KeyboardInterrupt in each cell: its atomic outputs clean up after themselves
+        if refs:  # each cell stops itself (see _stoppable); its atomic outputs clean up after themselves
             with contextlib.suppress(Exception):
-                ray.cancel(ref)
-        if refs:  # (no force: killing a worker while it replies crashes Ray 2.60's driver)
-            with contextlib.suppress(Exception):
+                ray.get(self.board.stop.remote(), timeout=10)
                 ray.wait(refs, num_returns=len(refs), timeout=10)
         cleanups = [s.cleanup.remote() for n, s in self.stores.items() if n not in self.dead]
         with contextlib.suppress(Exception):
