@@ -25,9 +25,11 @@ def _isolated_user_dirs(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("CL3_DATA_DIR", "CL3_CACHE_DIR")}
     os.environ["CL3_DATA_DIR"] = str(home / "data")
     os.environ["CL3_CACHE_DIR"] = str(home / "cache")
-    from cl3.llama.hardware import amx_verdict
+    from cl3.llama.hardware import amx_verdict, prepare_llama_objects
 
     amx_verdict()
+    # the tests' own llama_cpp.Llama references load models as cl3 does: without the AMX kernels on a CPU where they crash
+    prepare_llama_objects()
     yield
     for key, value in saved.items():
         if value is None:
