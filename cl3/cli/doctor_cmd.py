@@ -14,7 +14,7 @@ from .options import Json
 def doctor(as_json: Json = False) -> None:
     """Show the llama.cpp build (CPU features, AMX check, GPU devices), where models will run, llama.cpp's own
     tools if present, and how to reinstall for a GPU."""
-    from ..doctor import report
+    from ..doctor import REFERENCE_BUILD, report
 
     r = report()
     if as_json:
@@ -34,8 +34,9 @@ def doctor(as_json: Json = False) -> None:
         t.add_row(f"device {d['name']}", f"{d['type']}: {d['description']}{memory}")
     t.add_row("GPU offload", "yes" if r.gpu_offload else "no (this build runs on the CPU only)")
     t.add_row("models run on", f"{r.where_models_run} (chat, serve, ppl, speed, imatrix, bench; -ngl changes it)")
-    t.add_row("llama.cpp's tools", r.reference_tools or "not found (set CL3_REFERENCE_BIN; only the parity tests "
-                                                         "and benchmarks use them)")
+    t.add_row("llama.cpp's tools", r.reference_tools or f"not found (only the parity tests and benchmarks use them; "
+                                                         f"build them with `{REFERENCE_BUILD}` or set "
+                                                         f"CL3_REFERENCE_BIN)")
     out.print(t)
     for item in r.reinstall:
         out.print(f"for {item['for']}: {item['command']}", highlight=False, soft_wrap=True, markup=False)
