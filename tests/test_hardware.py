@@ -232,3 +232,19 @@ def test_parity_tests_find_the_reference_tools_where_doctor_does(tmp_path):
         doctor = subprocess.run([sys.executable, "-m", "cl3", "doctor", "--json"], capture_output=True, text=True,
                                 env=run_env, timeout=300)
         assert json.loads(doctor.stdout)["reference_tools"] == str(expected), doctor.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MemAvailable is Linux's")
+def test_doctor_reports_available_memory_not_the_total():
+    """The CPU's free memory is Linux's MemAvailable (psutil's independent reading), not ggml's total-as-free."""
+    import psutil
+
+    before = psutil.virtual_memory().available
+    proc = run_cl3("doctor", "--json")
+    after = psutil.virtual_memory().available
+    assert proc.returncode == 0, proc.stderr
+    [cpu] = [d for d in json.loads(proc.stdout)["devices"] if d["type"] == "CPU"]
+    slack = 256 << 20
+    assert min(before, after) - slack <= cpu["memory_free"] <= max(before, after) + slack, cpu
+    assert cpu["memory_total"] > 0
+    assert "GiB available" in run_cl3("doctor").stdout

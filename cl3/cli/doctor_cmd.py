@@ -29,7 +29,7 @@ def doctor(as_json: Json = False) -> None:
     amx = r.amx
     t.add_row("AMX kernels", f"{amx['state']}: {amx['reason']}")
     for d in r.devices:
-        memory = f", {d['memory_free'] / 2**30:.1f} of {d['memory_total'] / 2**30:.1f} GiB free" \
+        memory = f", {d['memory_free'] / 2**30:.1f} of {d['memory_total'] / 2**30:.1f} GiB available" \
             if d["memory_total"] else ""
         t.add_row(f"device {d['name']}", f"{d['type']}: {d['description']}{memory}")
     t.add_row("GPU offload", "yes" if r.gpu_offload else "no (this build runs on the CPU only)")
