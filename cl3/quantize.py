@@ -55,12 +55,29 @@ def resolve_types(spec: str | Iterable[str]) -> list[llama.FileType]:
             continue
         name = ALIASES.get(item, item)
         if name not in known:
-            raise UsageError(f"unknown quantization type {item!r} (known: {', '.join(file_type_names())})")
+            guess = closest_type_name(item)
+            raise UsageError(f"unknown quantization type {item!r}; did you mean {guess}?" if guess else
+                             f"unknown quantization type {item!r} (known: {', '.join(file_type_names())})")
         if known[name] not in types:
             types.append(known[name])
     if not types:
         raise UsageError("no quantization type given")
     return types
+
+
+def closest_type_name(name: str) -> str | None:
+    """The file type a mistyped name most likely means ("Q4KM", "q4-k-m" -> "Q4_K_M"), compared without case,
+    underscores or dashes (aliases count as their type); None when nothing is close."""
+    import difflib
+
+    def norm(n: str) -> str:
+        return n.upper().replace("_", "").replace("-", "")
+
+    by_norm: dict[str, str] = {}
+    for n in file_type_names():
+        by_norm.setdefault(norm(n), ALIASES.get(n, n))
+    match = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.75)
+    return by_norm[match[0]] if match else None
 
 
 def ggml_type(name: str | None, what: str) -> int | None:

@@ -280,3 +280,15 @@ def test_ctrl_c_between_types_names_the_finished_outputs(tmp_path):
     # complete: byte for byte what an uninterrupted run writes
     [whole] = quantize(src, "Q2_K", out=f"{tmp_path / 'whole'}/", threads=1).outputs
     assert kept.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("Q4KM", "Q4_K_M"), ("q4-k-m", "Q4_K_M"), ("iq4xs", "IQ4_XS"),
+                                              ("Q5KS", "Q5_K_S"), ("q8", "Q8_0")])
+def test_a_mistyped_type_gets_a_did_you_mean(typed, meant, tmp_path):
+    line = one_line_error(run_cl3("quantize", tmp_path / "model-F16.gguf", typed), f"did you mean {meant}?")
+    assert f"unknown quantization type {typed.upper()!r}" in line
+
+
+def test_an_unrecognisable_type_lists_the_known_ones(tmp_path):
+    line = one_line_error(run_cl3("quantize", tmp_path / "model-F16.gguf", "XYZ"), "unknown quantization type 'XYZ'")
+    assert "did you mean" not in line and "Q4_K_M" in line and "IQ2_XXS" in line
