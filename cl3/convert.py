@@ -104,6 +104,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
     out = Path(out)
     check_new_output(out, force)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.MODEL)
     _metadata(ckpt, n_params).set_gguf_meta_model(writer)
     add_hparams(writer, hp, ckpt.config, outtype)
     vocab.add_to_gguf(writer)
@@ -372,13 +373,13 @@ def add_hparams(writer: gguf.GGUFWriter, hp: dict, config: dict, outtype: str) -
     writer.add_head_count(hp["heads"])
     writer.add_head_count_kv(hp["kv_heads"])
     writer.add_rope_dimension_count(hp["head_dim"])
-    if hp["head_dim"] != hp["hidden"] // hp["heads"]:
-        writer.add_key_length(hp["head_dim"])
-        writer.add_value_length(hp["head_dim"])
+    # llama.cpp's converter writes them whenever transformers' config has head_dim, which LlamaConfig and
+    # MistralConfig always fill in (hidden_size / heads unless given)
+    writer.add_key_length(hp["head_dim"])
+    writer.add_value_length(hp["head_dim"])
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     writer.add_file_type(FILE_TYPES[outtype])
-    if outtype == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # the converter writes it for every outtype
     rope = rope_settings(config)
     base = rope.theta
     if rope.kind == "linear":

@@ -96,6 +96,36 @@ def test_gguf_metadata(tiny_llama3, tiny_llama3_gguf):
     assert len(types) == 2 + 1 + 9 * config["num_hidden_layers"]
 
 
+# What llama.cpp's convert_hf_to_gguf.py (the source llama-cpp-python 0.3.36 vendors) writes for this checkpoint,
+# transcribed from it: ModelBase.prepare_metadata (general.type "model" by set_type, gguf.Metadata's general.* keys:
+# name, basename and finetune from "Tiny-Llama-3-Instruct", the size label, sampling from generation_config.json;
+# general.quantization_version for every outtype), TextModel.set_gguf_parameters (key_length/value_length whenever
+# transformers' config has head_dim, which LlamaConfig always fills in; file_type) and LlamaModel's (vocab_size,
+# rope.dimension_count); GGUFWriter adds general.architecture.
+CONVERTER_KEYS = {
+    "general.architecture", "general.type", "general.name", "general.basename", "general.finetune",
+    "general.size_label", "general.sampling.temp", "general.sampling.top_p", "general.file_type",
+    "general.quantization_version",
+    "llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+    "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
+    "llama.attention.layer_norm_rms_epsilon", "llama.attention.key_length", "llama.attention.value_length",
+    "llama.vocab_size", "llama.rope.dimension_count",
+}
+
+
+def test_general_and_llama_keys_are_the_converters(tiny_llama3, tiny_llama3_gguf_f16):
+    reader = gguf.GGUFReader(tiny_llama3_gguf_f16)
+    keys = {k for k in reader.fields if k.startswith(("general.", "llama."))}
+    assert keys == CONVERTER_KEYS, (sorted(keys - CONVERTER_KEYS), sorted(CONVERTER_KEYS - keys))
+    field = lambda k: reader.get_field(k).contents()  # noqa: E731
+    config = tiny_llama3.config
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    assert field("general.type") == "model"
+    assert field("general.quantization_version") == 2  # GGML_QNT_VERSION in ggml.h
+    assert field("llama.attention.key_length") == field("llama.attention.value_length") == head_dim
+    assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+
+
 def test_eot_ends_generation(tiny_llama3_gguf):
     """<|eot_id|> must be an end-of-generation token in llama.cpp, or instruct models chat forever."""
     import llama_cpp
