@@ -81,6 +81,16 @@ def default_output_name(ckpt: Checkpoint, outtype: str, n_params: int) -> str:
 
 
 @quiet_logger()
+def default_name(src: str | os.PathLike, outtype: str = "auto", *, allow_pickle: bool = False) -> str:
+    """The file name `convert` gives ``src`` in a folder (llama.cpp's convention), without converting."""
+    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    check_architecture(ckpt.config)
+    outtype = resolve_outtype(outtype, ckpt)
+    plans = _plan_tensors(ckpt, hparams(ckpt.config), outtype)
+    return default_output_name(ckpt, outtype, sum(int(np.prod(p.shape)) for p in plans if p.ref is not None))
+
+
+@quiet_logger()
 def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto", *, allow_pickle: bool = False,
             pre_tokenizer: str | None = None, chat_template: str | os.PathLike | None = None, force: bool = False,
             progress: Progress | None = None) -> ConvertResult:

@@ -295,3 +295,19 @@ def test_cli_convert_and_info(tiny_llama3_dir, tmp_path):
     assert run_cl3("info", tmp_path / "m.gguf").returncode == 0
     bad = run_cl3("info", tiny_llama3_dir / "config.json")
     assert bad.returncode != 0 and "not a GGUF file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_converted_q8_0_is_named_like_a_quantized_q8_0_because_it_is_the_same_file(tiny_llama3, tmp_path):
+    """`convert --outtype q8_0` writes {name}-{size}-Q8_0.gguf, as llama.cpp's converter names it and as `quantize …
+    Q8_0` names its output: the two are the same weights (every tensor byte-identical), so the name is kept and a
+    second one is refused as existing rather than written under another name."""
+    from cl3.quantize import quantize
+
+    converted = convert(tiny_llama3.path, f"{tmp_path / 'c'}/", "q8_0").path
+    f16 = convert(tiny_llama3.path, f"{tmp_path / 'f16'}/", "f16").path
+    assert converted.name == f16.name.replace("-F16.gguf", "-Q8_0.gguf")
+    [quantized] = quantize(f16, "Q8_0", out=f"{tmp_path / 'q'}/").outputs
+    assert quantized.name == converted.name
+    ours, theirs = gguf.GGUFReader(converted), gguf.GGUFReader(quantized)
+    assert {t.name: (t.tensor_type, t.data.tobytes()) for t in ours.tensors} == \
+        {t.name: (t.tensor_type, t.data.tobytes()) for t in theirs.tensors}
