@@ -6,7 +6,7 @@ tensor data of both outputs is identical.
 
     python benchmarks/bench_convert.py [--workdir DIR] [--reference-prefix ~/.cache/cl3-reference/0.3.36]
 
-The reference needs `WITH_CONVERT=1 ../shared/reference/build-llama-cpp-tools.sh` (a venv with torch + transformers).
+The reference needs `WITH_CONVERT=1 bash benchmarks/build-llama-cpp-tools.sh` (a venv with torch + transformers).
 The checkpoint uses a SentencePiece tokenizer padded to 128,256 tokens: convert_hf_to_gguf.py refuses byte-level BPE
 tokenizers it does not know by hash, and the tokenizer is not what is being timed.
 """
@@ -127,7 +127,7 @@ def main() -> None:
         print(f"f16 tensor data identical: {len(same)}/{len(b)} tensors"
               + ("" if set(a) == set(b) else f"; names differ: {sorted(set(a) ^ set(b))[:5]}"))
     else:
-        print(f"reference converter not found at {ref_py}: run WITH_CONVERT=1 build-llama-cpp-tools.sh")
+        print(f"reference converter not found at {ref_py}: run WITH_CONVERT=1 bash benchmarks/build-llama-cpp-tools.sh")
     shutil.rmtree(copy_dir, ignore_errors=True)
 
 

@@ -30,8 +30,9 @@ from .hf import check_model_source
 from .metadata import read_metadata
 from .progress import Stage, stage_progress
 
-# The nine columns of the Chinese-LLaMA-Alpaca-3 table; the K-quant ones are llama-quantize's aliases for the _M mixes.
-AUTHORS_TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K"]
+# The nine columns of the Chinese-LLaMA-Alpaca-3 table, by llama.cpp's names (the authors' Q5_K/Q4_K/Q3_K are
+# llama-quantize's aliases of the _M mixes); columns always carry llama.cpp's name, whatever alias was asked.
+AUTHORS_TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 
 # rows of the table: (csv key, label in the authors' layout with its unit, format, csv key of its standard error)
 ROWS = [
@@ -213,9 +214,8 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
     out = table_stem(out)
     if not out.parent.is_dir():
         raise InputError(f"output directory does not exist: {out.parent}")
-    type_names = [t.strip().upper() for t in (types or AUTHORS_TYPES) if t.strip()]
-    for t in type_names:
-        quantize.resolve_types([t])  # unknown names fail here, before any work
+    # llama.cpp's names (Q4_K -> Q4_K_M); unknown names fail here, before any work
+    type_names = list(dict.fromkeys(quantize.resolve_types([t])[0].name for t in (types or AUTHORS_TYPES) if t.strip()))
     mix_types = [quantize.resolve_types([t])[0].name for t in (mix or []) if t.strip()]
     if mix_measure not in ("auto", *MODES):
         raise UsageError(f"unknown sensitivity mode {mix_measure!r} (auto, {', '.join(MODES)})", param="measure")
@@ -245,7 +245,8 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
                        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     previous = load_table(table_file(out, ".json"))
     if previous and previous.get("settings") == vars(settings) and previous.get("source") == str(src):
-        table.cells = {t: c for t, c in previous.get("cells", {}).items() if t in type_names}
+        cells = {canonical_type(t): c for t, c in previous.get("cells", {}).items()}  # tables saved with aliases
+        table.cells = {t: c for t, c in cells.items() if t in type_names}
         table.started = previous.get("started", table.started)
 
     source = quantize.Source.open(_source_gguf(src, work, stage))
@@ -602,14 +603,28 @@ def read_table_csv(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     return table
 
 
+def canonical_type(name: str) -> str:
+    """llama.cpp's name of a column's type ("Q4_K", the authors' spelling, -> "Q4_K_M"); other columns unchanged."""
+    from .quantize import resolve_types
+
+    if name.startswith(MIX_PREFIX):
+        return name
+    try:
+        return resolve_types([name])[0].name
+    except UsageError:
+        return name
+
+
 def compare(table: BenchTable, published: dict[str, dict[str, float]]) -> list[dict]:
-    """Published vs measured per metric and type, with measured/published ratios."""
+    """Published vs measured per metric and type, with measured/published ratios; columns are matched by llama.cpp's
+    name of their type (a published "Q4_K" is Q4_K_M)."""
     result = []
     for key, label, _spec, _err in ROWS:
         if key not in published:
             continue
+        row = {canonical_type(t): v for t, v in published[key].items()}
         for t in table.types:
-            pub, mine = published[key].get(t), table.value(t, key)
+            pub, mine = row.get(t), table.value(t, key)
             if pub is None and mine is None:
                 continue
             result.append({"metric": key, "label": label, "type": t, "published": pub, "measured": mine,

@@ -81,6 +81,16 @@ def default_output_name(ckpt: Checkpoint, outtype: str, n_params: int) -> str:
 
 
 @quiet_logger()
+def default_name(src: str | os.PathLike, outtype: str = "auto", *, allow_pickle: bool = False) -> str:
+    """The file name `convert` gives ``src`` in a folder (llama.cpp's convention), without converting."""
+    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    check_architecture(ckpt.config)
+    outtype = resolve_outtype(outtype, ckpt)
+    plans = _plan_tensors(ckpt, hparams(ckpt.config), outtype)
+    return default_output_name(ckpt, outtype, sum(int(np.prod(p.shape)) for p in plans if p.ref is not None))
+
+
+@quiet_logger()
 def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto", *, allow_pickle: bool = False,
             pre_tokenizer: str | None = None, chat_template: str | os.PathLike | None = None, force: bool = False,
             progress: Progress | None = None) -> ConvertResult:
@@ -104,6 +114,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "auto
     out = Path(out)
     check_new_output(out, force)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.MODEL)
     _metadata(ckpt, n_params).set_gguf_meta_model(writer)
     add_hparams(writer, hp, ckpt.config, outtype)
     vocab.add_to_gguf(writer)
@@ -372,13 +383,13 @@ def add_hparams(writer: gguf.GGUFWriter, hp: dict, config: dict, outtype: str) -
     writer.add_head_count(hp["heads"])
     writer.add_head_count_kv(hp["kv_heads"])
     writer.add_rope_dimension_count(hp["head_dim"])
-    if hp["head_dim"] != hp["hidden"] // hp["heads"]:
-        writer.add_key_length(hp["head_dim"])
-        writer.add_value_length(hp["head_dim"])
+    # llama.cpp's converter writes them whenever transformers' config has head_dim, which LlamaConfig and
+    # MistralConfig always fill in (hidden_size / heads unless given)
+    writer.add_key_length(hp["head_dim"])
+    writer.add_value_length(hp["head_dim"])
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     writer.add_file_type(FILE_TYPES[outtype])
-    if outtype == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # the converter writes it for every outtype
     rope = rope_settings(config)
     base = rope.theta
     if rope.kind == "linear":

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bench
-from .convert import convert
+from .convert import convert, default_name
 from .demo_model import build_demo_checkpoint
 from .progress import Stage
 
 # Small speed tests and a 512-token context keep the demo within a few minutes on 2 CPU cores.
 DEMO_SETTINGS = {"ctx": 512, "n_prompt": 128, "n_gen": 32, "repetitions": 2}
-IMATRIX_TYPES = ["Q4_K", "Q3_K", "Q2_K"]
+IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K"]
 
 
 @dataclass
@@ -40,6 +40,11 @@ class DemoResult:
         return rows
 
 
+def f16_path(directory: Path, checkpoint: Path) -> Path:
+    """The demo's F16 GGUF: llama.cpp's name ({name}-{size}-F16.gguf), the base its quantized files are named by."""
+    return directory / default_name(checkpoint, "f16")
+
+
 def run_demo(directory: str | os.PathLike, *, stage: Stage | None = None, threads: int | None = None,
              n_gpu_layers: int = -1, on_step: Callable[[str], None] | None = None) -> DemoResult:
     directory = Path(directory)
@@ -49,7 +54,7 @@ def run_demo(directory: str | os.PathLike, *, stage: Stage | None = None, thread
     if not (checkpoint / "config.json").exists():
         step("building the demo model (tokenizer + bigram-statistics weights) …")
         build_demo_checkpoint(checkpoint)
-    f16 = directory / "demo-model-F16.gguf"
+    f16 = f16_path(directory, checkpoint)
     if not f16.exists():
         step("converting it to GGUF (F16) …")
         convert(checkpoint, f16, "f16")

@@ -46,12 +46,20 @@ def cpu_features(system_info: str) -> list[str]:
     return found
 
 
-def reference_tools_dir() -> Path | None:
-    """llama.cpp's own tools built from the vendored source ($CL3_REFERENCE_BIN, or the build script's cache)."""
+REFERENCE_BUILD = "bash benchmarks/build-llama-cpp-tools.sh"  # in a clone of cl3
+
+
+def reference_tools_default_dir() -> Path:
+    """Where benchmarks/build-llama-cpp-tools.sh puts llama.cpp's tools for the installed llama-cpp-python."""
     import llama_cpp
 
-    candidates = [os.environ.get("CL3_REFERENCE_BIN"),
-                  str(Path.home() / ".cache" / "cl3-reference" / llama_cpp.__version__ / "build" / "bin")]
+    return Path.home() / ".cache" / "cl3-reference" / llama_cpp.__version__ / "build" / "bin"
+
+
+def reference_tools_dir() -> Path | None:
+    """llama.cpp's own tools built from the vendored source ($CL3_REFERENCE_BIN, or the build script's cache);
+    `cl3 doctor` and the parity tests both look here."""
+    candidates = [os.environ.get("CL3_REFERENCE_BIN"), str(reference_tools_default_dir())]
     for c in candidates:
         if c and all((Path(c) / t).exists() for t in REFERENCE_TOOLS):
             return Path(c)

@@ -84,8 +84,8 @@ def write_weightless_gguf(config: dict, out: Path, *, tokenizer_dir: Path | None
         del shapes["output.weight"]
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(str(config.get("_name_or_path") or "plan"))
-    add_hparams(writer, hp, config, "f16")
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # what every quantized output carries
+    writer.add_type(gguf.GGUFType.MODEL)
+    add_hparams(writer, hp, config, "f16")  # general.quantization_version included, as every output carries it
     has_tokenizer = True
     if vocab_gguf is not None:
         _copy_tokenizer(vocab_gguf, writer, hp["vocab_size"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 
 from . import calibration, llama, mix
-from .errors import InputError, OutputError, UsageError
+from .errors import InputError, Interrupted, OutputError, UsageError
 from .files import atomic_output, check_new_output, is_directory_target, output_directory
 from .hf import check_model_source
 from .imatrix import Imatrix, check_against_model, compute_imatrix, read_imatrix, write_imatrix
@@ -55,12 +55,29 @@ def resolve_types(spec: str | Iterable[str]) -> list[llama.FileType]:
             continue
         name = ALIASES.get(item, item)
         if name not in known:
-            raise UsageError(f"unknown quantization type {item!r} (known: {', '.join(file_type_names())})")
+            guess = closest_type_name(item)
+            raise UsageError(f"unknown quantization type {item!r}; did you mean {guess}?" if guess else
+                             f"unknown quantization type {item!r} (known: {', '.join(file_type_names())})")
         if known[name] not in types:
             types.append(known[name])
     if not types:
         raise UsageError("no quantization type given")
     return types
+
+
+def closest_type_name(name: str) -> str | None:
+    """The file type a mistyped name most likely means ("Q4KM", "q4-k-m" -> "Q4_K_M"), compared without case,
+    underscores or dashes (aliases count as their type); None when nothing is close."""
+    import difflib
+
+    def norm(n: str) -> str:
+        return n.upper().replace("_", "").replace("-", "")
+
+    by_norm: dict[str, str] = {}
+    for n in file_type_names():
+        by_norm.setdefault(norm(n), ALIASES.get(n, n))
+    match = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.75)
+    return by_norm[match[0]] if match else None
 
 
 def ggml_type(name: str | None, what: str) -> int | None:
@@ -310,12 +327,21 @@ def quantize(src: str | os.PathLike, types: str | Iterable[str] | None = None, *
             return _quantize_mix(source, target, outputs[0], result, choice, cache_dir=cache_dir, threads=threads,
                                  n_gpu_layers=n_gpu_layers, measure=measure, chunks=sensitivity_chunks,
                                  dry_run=dry_run, force=force, on_plan=on_plan, stage=stage)
-        for file_type, output in zip(file_types, outputs):
-            with stage_progress(stage, file_type.name, "tensors") as update:
-                quantize_gguf(gguf_src, output, file_type, imatrix=choice, threads=threads,
-                              output_tensor_type=out_type, token_embedding_type=embd_type, pure=pure,
-                              leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize,
-                              progress=update)
+        done: list[Path] = []
+        try:
+            for file_type, output in zip(file_types, outputs):
+                with stage_progress(stage, file_type.name, "tensors") as update:
+                    quantize_gguf(gguf_src, output, file_type, imatrix=choice, threads=threads,
+                                  output_tensor_type=out_type, token_embedding_type=embd_type, pure=pure,
+                                  leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize,
+                                  progress=update)
+                done.append(output)
+        except KeyboardInterrupt:
+            if not done:
+                raise
+            rest = [t.name for t in file_types[len(done):]]
+            raise Interrupted(f"kept: {', '.join(map(str, done))} (complete); not written: {', '.join(rest)}") \
+                from None
     return result
 
 

@@ -99,11 +99,15 @@ def trained_demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_bin() -> Path:
-    """llama.cpp's own tools (built by ../shared/reference/build-llama-cpp-tools.sh); skip when absent."""
-    path = os.environ.get("CL3_REFERENCE_BIN")
-    if not path or not (Path(path) / "llama-quantize").exists():
-        pytest.skip("llama.cpp reference tools not available (set CL3_REFERENCE_BIN to their bin directory)")
-    return Path(path)
+    """llama.cpp's own tools, found as `cl3 doctor` finds them ($CL3_REFERENCE_BIN, else where
+    benchmarks/build-llama-cpp-tools.sh builds them); skip when absent."""
+    from cl3.doctor import REFERENCE_BUILD, reference_tools_dir
+
+    path = reference_tools_dir()
+    if path is None:
+        pytest.skip(f"llama.cpp reference tools not available (build them: {REFERENCE_BUILD}; or set "
+                    "CL3_REFERENCE_BIN to their bin directory)")
+    return path
 
 
 def run_cl3(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 
 import gguf
 import pytest
@@ -185,7 +186,7 @@ def test_imatrix_quantizations_are_kept_apart(tiny_llama3_gguf, text_file, tmp_p
     plain = bench.bench(tiny_llama3_gguf, types=["Q4_K"], out=out, text_file=text_file, **SETTINGS)
     with_imatrix = bench.bench(tiny_llama3_gguf, types=["Q4_K"], out=out, text_file=text_file, imatrix=True,
                                **SETTINGS)
-    a, b = plain.cells["Q4_K"]["model"], with_imatrix.cells["Q4_K"]["model"]
+    a, b = plain.cells["Q4_K_M"]["model"], with_imatrix.cells["Q4_K_M"]["model"]  # llama.cpp's name
     assert a != b and "imatrix-" in b
     reader = gguf.GGUFReader(b)
     assert "quantize.imatrix.file" in reader.fields and "quantize.imatrix.file" not in gguf.GGUFReader(a).fields
@@ -233,3 +234,26 @@ def test_mix_and_both_settings_are_checked_first(tiny_llama3_gguf, tmp_path):
     with pytest.raises(bench.UsageError):
         bench.bench(tiny_llama3_gguf, types=["Q8_0"], out=tmp_path / "t", mix=["Q8_0"], mix_measure="guess")
     assert not list(tmp_path.iterdir())
+
+
+def test_columns_carry_llama_cpps_names_and_match_the_authors_table(tiny_llama3_gguf, text_file, tmp_path):
+    """Columns are llama.cpp's names whatever alias was asked (Q4_K -> Q4_K_M); a table saved with the alias resumes,
+    and --compare matches the published table's columns (the authors' Q4_K is Q4_K_M) in either spelling."""
+    out = tmp_path / "names"
+    t = bench.bench(tiny_llama3_gguf, types=["q8_0", "Q4_K"], out=out, text_file=text_file, **SETTINGS)
+    assert t.types == ["Q8_0", "Q4_K_M"]
+    assert bench.AUTHORS_TYPES == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+    assert written(out, ".csv").read_text().splitlines()[0] == "metric,Q8_0,Q4_K_M"
+    saved = json.loads(written(out, ".json").read_text())
+    saved["types"] = ["Q8_0", "Q4_K"]
+    saved["cells"]["Q4_K"] = saved["cells"].pop("Q4_K_M")  # as tables were saved before
+    written(out, ".json").write_text(json.dumps(saved))
+    again = bench.bench(tiny_llama3_gguf, types=["Q8_0", "Q4_K_M"], out=out, text_file=text_file, **SETTINGS)
+    assert again.cells["Q4_K_M"] == saved["cells"]["Q4_K"]  # reused, not measured again
+    repo_table = Path(__file__).parent.parent / "quant_tables" / "llama-3-chinese-8b.published.csv"
+    authors = tmp_path / "authors.csv"
+    authors.write_text("metric,Q8_0,Q4_K\nbpw,8.50,4.89\n")
+    for published in (repo_table, authors):
+        bpw = {r["type"]: r["published"] for r in bench.compare(t, bench.read_table_csv(published))
+               if r["metric"] == "bpw"}
+        assert bpw == {"Q8_0": 8.50, "Q4_K_M": 4.89}, published

@@ -27,7 +27,7 @@ psutil = pytest.importorskip("psutil")
 
 from cl3 import bench_ray  # noqa: E402
 
-TYPES = ["F16", "Q8_0", "Q4_0", "Q4_K"]
+TYPES = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
 # speed cells of about a second each, so that a node can be lost while it runs one
 SETTINGS = {"ctx": 64, "chunks": 4, "n_prompt": 512, "n_gen": 128, "repetitions": 20, "threads": 1}
 

@@ -96,6 +96,36 @@ def test_gguf_metadata(tiny_llama3, tiny_llama3_gguf):
     assert len(types) == 2 + 1 + 9 * config["num_hidden_layers"]
 
 
+# What llama.cpp's convert_hf_to_gguf.py (the source llama-cpp-python 0.3.36 vendors) writes for this checkpoint,
+# transcribed from it: ModelBase.prepare_metadata (general.type "model" by set_type, gguf.Metadata's general.* keys:
+# name, basename and finetune from "Tiny-Llama-3-Instruct", the size label, sampling from generation_config.json;
+# general.quantization_version for every outtype), TextModel.set_gguf_parameters (key_length/value_length whenever
+# transformers' config has head_dim, which LlamaConfig always fills in; file_type) and LlamaModel's (vocab_size,
+# rope.dimension_count); GGUFWriter adds general.architecture.
+CONVERTER_KEYS = {
+    "general.architecture", "general.type", "general.name", "general.basename", "general.finetune",
+    "general.size_label", "general.sampling.temp", "general.sampling.top_p", "general.file_type",
+    "general.quantization_version",
+    "llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+    "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
+    "llama.attention.layer_norm_rms_epsilon", "llama.attention.key_length", "llama.attention.value_length",
+    "llama.vocab_size", "llama.rope.dimension_count",
+}
+
+
+def test_general_and_llama_keys_are_the_converters(tiny_llama3, tiny_llama3_gguf_f16):
+    reader = gguf.GGUFReader(tiny_llama3_gguf_f16)
+    keys = {k for k in reader.fields if k.startswith(("general.", "llama."))}
+    assert keys == CONVERTER_KEYS, (sorted(keys - CONVERTER_KEYS), sorted(CONVERTER_KEYS - keys))
+    field = lambda k: reader.get_field(k).contents()  # noqa: E731
+    config = tiny_llama3.config
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    assert field("general.type") == "model"
+    assert field("general.quantization_version") == 2  # GGML_QNT_VERSION in ggml.h
+    assert field("llama.attention.key_length") == field("llama.attention.value_length") == head_dim
+    assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+
+
 def test_eot_ends_generation(tiny_llama3_gguf):
     """<|eot_id|> must be an end-of-generation token in llama.cpp, or instruct models chat forever."""
     import llama_cpp
@@ -265,3 +295,19 @@ def test_cli_convert_and_info(tiny_llama3_dir, tmp_path):
     assert run_cl3("info", tmp_path / "m.gguf").returncode == 0
     bad = run_cl3("info", tiny_llama3_dir / "config.json")
     assert bad.returncode != 0 and "not a GGUF file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_converted_q8_0_is_named_like_a_quantized_q8_0_because_it_is_the_same_file(tiny_llama3, tmp_path):
+    """`convert --outtype q8_0` writes {name}-{size}-Q8_0.gguf, as llama.cpp's converter names it and as `quantize …
+    Q8_0` names its output: the two are the same weights (every tensor byte-identical), so the name is kept and a
+    second one is refused as existing rather than written under another name."""
+    from cl3.quantize import quantize
+
+    converted = convert(tiny_llama3.path, f"{tmp_path / 'c'}/", "q8_0").path
+    f16 = convert(tiny_llama3.path, f"{tmp_path / 'f16'}/", "f16").path
+    assert converted.name == f16.name.replace("-F16.gguf", "-Q8_0.gguf")
+    [quantized] = quantize(f16, "Q8_0", out=f"{tmp_path / 'q'}/").outputs
+    assert quantized.name == converted.name
+    ours, theirs = gguf.GGUFReader(converted), gguf.GGUFReader(quantized)
+    assert {t.name: (t.tensor_type, t.data.tobytes()) for t in ours.tensors} == \
+        {t.name: (t.tensor_type, t.data.tobytes()) for t in theirs.tensors}

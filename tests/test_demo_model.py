@@ -191,3 +191,16 @@ def test_activations_are_non_uniform_across_columns(demo):
         top_share = energy[: len(energy) // 10].sum() / energy.sum()
         print(f"\ndown_proj input energy: top 10% of columns hold {top_share:.0%}")
         assert top_share > 0.5
+
+
+def test_the_demos_files_share_one_name(demo, tmp_path):
+    """The demo's F16 and the quantized files made from it carry the same llama.cpp-style name."""
+    from cl3.demo import f16_path
+    from cl3.quantize import Source, resolve_types
+
+    f16 = f16_path(tmp_path, demo.path)
+    convert(demo.path, f16, "f16")
+    [q4] = resolve_types(["Q4_K"])
+    quantized = Source.open(f16).output_name(q4)
+    assert f16.name.removesuffix("-F16.gguf") + "-Q4_K_M.gguf" == quantized
+    assert quantized.startswith("Cl3-Demo-Llama3-")

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -197,3 +198,55 @@ def test_doctor_reports_what_this_build_can_do():
                    for r in report["reinstall"]) and report["reinstall"]
     screen = run_cl3("doctor")
     assert screen.returncode == 0 and "AMX kernels" in screen.stdout and "models run on" in screen.stdout
+
+
+def _fake_reference_tools(bin_dir):
+    from cl3.doctor import REFERENCE_TOOLS
+
+    bin_dir.mkdir(parents=True)
+    for tool in REFERENCE_TOOLS:
+        (bin_dir / tool).write_text("#!/bin/sh\n")
+        (bin_dir / tool).chmod(0o755)
+    return bin_dir
+
+
+def test_parity_tests_find_the_reference_tools_where_doctor_does(tmp_path):
+    """README's plain `pytest` runs the parity tests when llama.cpp's tools were built in the build script's cache
+    (~/.cache/cl3-reference/VERSION/build/bin), without CL3_REFERENCE_BIN; the variable still wins when set."""
+    import llama_cpp
+
+    home = tmp_path / "home"
+    default = _fake_reference_tools(home / ".cache" / "cl3-reference" / llama_cpp.__version__ / "build" / "bin")
+    elsewhere = _fake_reference_tools(tmp_path / "elsewhere" / "bin")
+    probe = tmp_path / "probe" / "test_probe.py"
+    probe.parent.mkdir()
+    probe.write_text("import os\n\ndef test_probe(reference_bin):\n"
+                     "    assert str(reference_bin) == os.environ['EXPECTED_BIN']\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "CL3_REFERENCE_BIN"} | {
+        "HOME": str(home), "PYTHONPATH": root, "COLUMNS": "200"}
+    for extra, expected in (({}, default), ({"CL3_REFERENCE_BIN": str(elsewhere)}, elsewhere)):
+        run_env = env | extra | {"EXPECTED_BIN": str(expected)}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                               "--rootdir", str(probe.parent), str(probe)], capture_output=True, text=True,
+                              env=run_env, cwd=probe.parent, timeout=300)
+        assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr
+        doctor = subprocess.run([sys.executable, "-m", "cl3", "doctor", "--json"], capture_output=True, text=True,
+                                env=run_env, timeout=300)
+        assert json.loads(doctor.stdout)["reference_tools"] == str(expected), doctor.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MemAvailable is Linux's")
+def test_doctor_reports_available_memory_not_the_total():
+    """The CPU's free memory is Linux's MemAvailable (psutil's independent reading), not ggml's total-as-free."""
+    import psutil
+
+    before = psutil.virtual_memory().available
+    proc = run_cl3("doctor", "--json")
+    after = psutil.virtual_memory().available
+    assert proc.returncode == 0, proc.stderr
+    [cpu] = [d for d in json.loads(proc.stdout)["devices"] if d["type"] == "CPU"]
+    slack = 256 << 20
+    assert min(before, after) - slack <= cpu["memory_free"] <= max(before, after) + slack, cpu
+    assert cpu["memory_total"] > 0
+    assert "GiB available" in run_cl3("doctor").stdout

@@ -243,3 +243,52 @@ def test_list_types_and_imatrix_name_tag(tiny_llama3_gguf, imatrix_file, tmp_pat
     assert result.returncode == 0, result.stderr
     [output] = tmp_path.iterdir()
     assert output.name.endswith("-Q8_0-im.gguf")
+
+
+def test_ctrl_c_between_types_names_the_finished_outputs(tmp_path):
+    """Ctrl-C while the second of several types is being made: the first (complete) output is kept and named on
+    stderr, the unfinished one leaves nothing."""
+    import signal
+    import sys
+    import time
+
+    from cl3.convert import convert
+    from cl3.quantize import quantize
+
+    from .tiny import build_llama3_checkpoint
+
+    # big enough that IQ3_S (a grid search per block) takes seconds on one thread
+    ckpt = build_llama3_checkpoint(tmp_path / "hf", hidden=512, layers=4, ffn=1536)
+    src = convert(ckpt.path, tmp_path / "src-F16.gguf", "f16").path
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "cl3", "quantize", src, "Q2_K", "IQ3_S", "Q8_0", "-o", out,
+                             "-t", "1", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*-Q2_K.gguf")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    [kept] = out.glob("*-Q2_K.gguf")
+    assert [p.name for p in out.iterdir()] == [kept.name]   # nothing else, no temporary left
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("interrupted:") and f"kept: {kept}" in lines[0], stderr
+    assert "not written: IQ3_S, Q8_0" in lines[0], stderr
+    # complete: byte for byte what an uninterrupted run writes
+    [whole] = quantize(src, "Q2_K", out=f"{tmp_path / 'whole'}/", threads=1).outputs
+    assert kept.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("Q4KM", "Q4_K_M"), ("q4-k-m", "Q4_K_M"), ("iq4xs", "IQ4_XS"),
+                                              ("Q5KS", "Q5_K_S"), ("q8", "Q8_0")])
+def test_a_mistyped_type_gets_a_did_you_mean(typed, meant, tmp_path):
+    line = one_line_error(run_cl3("quantize", tmp_path / "model-F16.gguf", typed), f"did you mean {meant}?")
+    assert f"unknown quantization type {typed.upper()!r}" in line
+
+
+def test_an_unrecognisable_type_lists_the_known_ones(tmp_path):
+    line = one_line_error(run_cl3("quantize", tmp_path / "model-F16.gguf", "XYZ"), "unknown quantization type 'XYZ'")
+    assert "did you mean" not in line and "Q4_K_M" in line and "IQ2_XXS" in line

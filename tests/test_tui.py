@@ -284,6 +284,24 @@ async def test_system_prompt_sampling_and_help_panels(make_app, reference):
 
 
 @run_async
+async def test_no_system_prompt_shows_no_system_block(make_app):
+    app = make_app(system_prompt="")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        system = app.screen.query_one("#system-message", ChatMessage)
+        assert not system.display and system.region.height == 0
+        for text in ("你是一位诗人。", ""):  # F2 sets one (shown), and clears it again (hidden)
+            await pilot.press("f2")
+            await wait_for(pilot, lambda: isinstance(app.screen, SystemPromptScreen))
+            app.screen.query_one("#system-text").text = text
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda t=text: app.conversation.system_prompt == t)
+            await pilot.pause()
+            system = app.screen.query_one("#system-message", ChatMessage)
+            assert system.display == bool(text) and (system.region.height > 0) == bool(text)
+
+
+@run_async
 async def test_corrupt_model_ends_the_app_with_one_clear_error(make_app, tmp_path, tiny_llama3_gguf):
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(tiny_llama3_gguf.read_bytes()[:5000])
@@ -348,20 +366,23 @@ async def test_every_key_is_in_the_footer_at_80_columns(make_app):
 
 # --- snapshots of the main screens (pytest-textual-snapshot; update with --snapshot-update) ---
 
-def _saved_chat(store: ConversationStore) -> str:
+def _saved_chat(store: ConversationStore, system_prompt: str | None = None) -> str:
     conversation = Conversation(model="tiny-llama3-f32.gguf", id="20260101-120000-abcdef", messages=[
         Message("user", "你好，请介绍一下量化。"),
         Message("assistant", "量化把权重从 16 位浮点数压缩到更少的位数：\n文件更小，\n运行更快。\n\n| 类型 | 每权重位数 |\n"
                              "|---|---|\n| Q8_0 | 8.5 |\n| Q4_K_M | 4.8 |\n\n```sh\ncl3 quantize model.gguf Q4_K_M\n```"),
     ])
+    if system_prompt is not None:
+        conversation.system_prompt = system_prompt
     store.save(conversation)
     return conversation.id
 
 
-@pytest.mark.parametrize("keys", [(), ("f1",), ("f3",), ("f2",)], ids=["chat", "help", "sampling", "system"])
-def test_snapshots(snap_compare, make_app, tmp_path, keys):
+@pytest.mark.parametrize(("keys", "system_prompt"), [((), None), (("f1",), None), (("f3",), None), (("f2",), None),
+                                                     ((), "")], ids=["chat", "help", "sampling", "system", "no-system"])
+def test_snapshots(snap_compare, make_app, tmp_path, keys, system_prompt):
     store = ConversationStore(tmp_path / "chats")
-    app = make_app(store=store, resume=_saved_chat(store))
+    app = make_app(store=store, resume=_saved_chat(store, system_prompt))
 
     async def run_before(pilot) -> None:
         await ready(pilot)

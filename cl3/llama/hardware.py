@@ -62,7 +62,7 @@ class Device:
     name: str           # ggml's name, e.g. "CUDA0", "Metal", "CPU"
     description: str
     type: str           # CPU, GPU, iGPU, accelerator
-    memory_free: int
+    memory_free: int     # what can be allocated now (on Linux CPUs: MemAvailable)
     memory_total: int
 
 
@@ -75,9 +75,24 @@ def devices() -> list[Device]:
         dev = reg.ggml_backend_dev_get(i)
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        kind = DEVICE_TYPES.get(base.ggml_backend_dev_type(dev), "?")
+        available = available_memory() if kind == "CPU" else None
         found.append(Device(base.ggml_backend_dev_name(dev).decode(), base.ggml_backend_dev_description(dev).decode(),
-                            DEVICE_TYPES.get(base.ggml_backend_dev_type(dev), "?"), free.value, total.value))
+                            kind, free.value if available is None else available, total.value))
     return found
+
+
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """Linux's MemAvailable (what can be allocated without swapping) in bytes; None elsewhere. ggml's CPU device
+    reports its total memory as free."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def gpu_offload_supported() -> bool:

@@ -163,7 +163,9 @@ class ChatScreen(Screen):
     async def show_conversation(self) -> None:
         view = self.query_one("#conversation", VerticalScroll)
         await view.remove_children()
-        widgets = [ChatMessage("system", self.conversation.system_prompt, id="system-message")]
+        system = ChatMessage("system", self.conversation.system_prompt, id="system-message")
+        system.display = bool(self.conversation.system_prompt)  # no empty "System" block; F2 can still set one
+        widgets = [system]
         widgets += [ChatMessage(m.role, m.content) for m in self.conversation.messages]
         await view.mount_all(widgets)
         self._dropped_shown = 0
@@ -228,7 +230,9 @@ class ChatScreen(Screen):
                 self.notify(str(ex), severity="error")
                 return
         self.conversation.system_prompt = text
-        await self.query_one("#system-message", ChatMessage).set_content(text)
+        system = self.query_one("#system-message", ChatMessage)
+        await system.set_content(text)
+        system.display = bool(text)
         if self.conversation.messages:
             self.chat_app.save()
         self.query_one(StatusBar).context_used = self._prompt_tokens()
