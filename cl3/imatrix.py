@@ -257,12 +257,15 @@ class Collector:
 
     def __init__(self, *, process_output: bool = False, start: Imatrix | None = None) -> None:
         self.process_output = process_output
+        self.stop_now: Callable[[], bool] = lambda: False  # a second Ctrl-C: abandon the decode under way
         self.entries: dict[str, Entry] = {}
         if start is not None:
             for name, e in start.entries.items():
                 self.entries[name] = Entry(np.asarray(e.sums, dtype=np.float64).copy(), e.counts.copy())
 
     def __call__(self, t: llama.GgmlTensor, ask: bool) -> bool:
+        if self.stop_now():
+            raise KeyboardInterrupt  # re-raised after the decode (Context); nothing more is collected in it
         if ask:
             return self._wants(t)
         self._collect(t)
@@ -407,11 +410,15 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
         saved = current()
 
         def on_rows(chunk: int, logits: np.ndarray, targets: np.ndarray) -> None:
+            if collector.stop_now():
+                raise KeyboardInterrupt
             sums["nll"] += float(nll(logits, targets).sum())
             sums["count"] += len(targets)
 
         def after_group(done: int, total: int) -> None:
             nonlocal saved
+            if collector.stop_now():  # this group may lack what a callback dropped: keep the last snapshot
+                raise KeyboardInterrupt
             before, sums["done"] = sums["done"], done
             saved = current()
             if progress:
@@ -420,13 +427,15 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
                 on_perplexity(math.exp(sums["nll"] / sums["count"]))
             if checkpoint and done // checkpoint_every > before // checkpoint_every and done < total:
                 checkpoint(saved)
-            if interrupted():
+            if presses():
                 raise KeyboardInterrupt
 
         try:
-            with _deferred_interrupt() as interrupted, \
+            with _deferred_interrupt() as presses, \
                     llama.Context(m, n_ctx=layout.ctx_size, n_batch=layout.n_batch, n_seq=layout.n_seq,
+                                  n_ubatch=layout.ubatch_without_small_pieces(n_chunks, MIN_ROWS),
                                   threads=threads, on_eval=collector) as ctx:
+                collector.stop_now = lambda: presses() >= 2
                 score_chunks(ctx, tokens, layout, n_chunks, on_rows, all_outputs=True, after_group=after_group)
         except KeyboardInterrupt:
             if checkpoint and saved.entries:
@@ -539,25 +548,27 @@ def make_imatrix(model: str | os.PathLike | None, texts: list[str | os.PathLike]
 
 @contextlib.contextmanager
 def _deferred_interrupt():
-    """Turn Ctrl-C into a flag checked between chunks: a KeyboardInterrupt raised inside llama.cpp's eval callback
-    could not cross the C boundary and would be lost."""
-    hit = [False]
+    """Count Ctrl-C presses instead of raising: the first stops after the current group of chunks, the second
+    (checked by the collector at its next call) abandons the decode under way, the third raises at once. Raised
+    by the handler inside llama.cpp's eval callback, a KeyboardInterrupt is swallowed at the C boundary (with a
+    traceback on stderr) and the node it hit goes uncollected, so the first two never raise there."""
+    presses = [0]
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield lambda: False
+        yield lambda: 0
         return
 
     def on_sigint(signum, frame) -> None:
-        if hit[0]:  # a second Ctrl-C: stop now
+        presses[0] += 1
+        if presses[0] >= 3:
             raise KeyboardInterrupt
-        hit[0] = True
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield lambda: hit[0]
+        yield lambda: presses[0]
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if hit[0]:
+    if presses[0]:
         raise KeyboardInterrupt
 
 
