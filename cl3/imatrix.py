@@ -192,8 +192,12 @@ def write_imatrix(imatrix: Imatrix, path: str | os.PathLike) -> Path:
             n_mat = len(e.counts)
             if n_mat == 0 or e.sums.size == 0:
                 continue
-            writer.add_tensor(f"{name}.in_sum2", np.asarray(e.sums, dtype=np.float32).reshape(n_mat, -1))
-            writer.add_tensor(f"{name}.counts", np.asarray(e.counts, dtype=np.float32).reshape(n_mat, 1))
+            # llama-imatrix's shapes: ggml [n, n_mat] and [1, n_mat], stored without trailing 1s (ggml_n_dims), so
+            # 1-D [n] and [1] for a dense weight, 2-D for experts
+            shape = (n_mat, -1) if n_mat > 1 else (-1,)
+            writer.add_tensor(f"{name}.in_sum2", np.asarray(e.sums, dtype=np.float32).reshape(shape))
+            writer.add_tensor(f"{name}.counts", np.asarray(e.counts, dtype=np.float32).reshape((n_mat, 1) if n_mat > 1
+                                                                                               else (1,)))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

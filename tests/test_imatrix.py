@@ -50,6 +50,10 @@ def calib_file(tmp_path_factory):
     return path
 
 
+def tensor_shapes(path) -> dict[str, list[int]]:
+    return {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(path).tensors}
+
+
 def llama_tokens(model_path, text: str) -> list[int]:
     """Tokenization by llama.cpp's own tokenizer (BOS added, specials not parsed), as llama-imatrix does."""
     vocab = Llama(str(model_path), vocab_only=True, verbose=False)
@@ -104,6 +108,8 @@ def test_gguf_write_read_round_trip(tmp_path):
     shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
     assert shapes["blk.0.ffn_down_exps.weight.in_sum2"] == [6, 4]
     assert shapes["blk.0.ffn_down_exps.weight.counts"] == [1, 4]
+    assert shapes["blk.0.attn_q.weight.in_sum2"] == [8]  # dense: 1-D, as llama-imatrix (ggml_n_dims drops the 1)
+    assert shapes["blk.0.attn_q.weight.counts"] == [1]
     assert reader.get_field("general.architecture") is None
 
     back = read_imatrix(path)
@@ -115,6 +121,23 @@ def test_gguf_write_read_round_trip(tmp_path):
     imp = back.importances()["blk.0.ffn_down_exps.weight"].reshape(4, 6)
     np.testing.assert_allclose(imp[0], original.entries["blk.0.ffn_down_exps.weight"].sums[0] / 100, rtol=1e-6)
     np.testing.assert_array_equal(imp[1], np.ones(6, np.float32))
+
+
+def test_reads_dense_entries_stored_2d(tmp_path):
+    """Files cl3 wrote before (dense in_sum2 [n, 1], counts [1, 1]) still read the same."""
+    sums = np.arange(1, 9, dtype=np.float32)
+    writer = gguf.GGUFWriter(tmp_path / "old.imatrix.gguf", arch="")
+    writer.add_string(gguf.Keys.General.TYPE, "imatrix")
+    writer.add_tensor("blk.0.attn_q.weight.in_sum2", sums.reshape(1, 8))
+    writer.add_tensor("blk.0.attn_q.weight.counts", np.array([[64]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert [[int(d) for d in t.shape] for t in gguf.GGUFReader(tmp_path / "old.imatrix.gguf").tensors] == [[8, 1], [1, 1]]
+    e = read_imatrix(tmp_path / "old.imatrix.gguf").entries["blk.0.attn_q.weight"]
+    np.testing.assert_array_equal(e.sums, sums.reshape(1, 8))
+    assert e.counts.tolist() == [64]
 
 
 def test_reads_legacy_dat(tmp_path):
@@ -204,6 +227,7 @@ def test_parity_with_llama_imatrix(reference_bin, tiny_llama3_gguf, calib_file, 
     a, b = read_imatrix(ours), read_imatrix(theirs)
     assert sorted(a.entries) == sorted(b.entries)
     assert (a.chunk_count, a.chunk_size, a.datasets) == (b.chunk_count, b.chunk_size, b.datasets)
+    assert tensor_shapes(ours) == tensor_shapes(theirs)  # what gguf-py readers see: 1-D for dense weights
     for name in a.entries:
         np.testing.assert_array_equal(a.entries[name].counts, b.entries[name].counts)
         np.testing.assert_allclose(a.entries[name].sums, b.entries[name].sums, rtol=1e-3, err_msg=name)
@@ -301,6 +325,7 @@ def test_moe_parity_with_llama_imatrix(reference_bin, tiny_moe_gguf, calib_file,
                     "--chunks", "6", "-o", theirs, "-t", "2", "--no-ppl"], check=True, capture_output=True)
     a, b = read_imatrix(ours), read_imatrix(theirs)
     assert sorted(a.entries) == sorted(b.entries)
+    assert tensor_shapes(ours) == tensor_shapes(theirs)  # experts 2-D, the dense router 1-D
     for name in a.entries:
         np.testing.assert_array_equal(a.entries[name].counts, b.entries[name].counts, err_msg=name)
         np.testing.assert_allclose(a.entries[name].sums, b.entries[name].sums, rtol=1e-3, err_msg=name)
