@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import hashlib
@@ -170,12 +171,46 @@ def output_directory(out: str | os.PathLike) -> Path:
     """The folder ``out`` names, created when missing (with its parents)."""
     path = Path(out)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_folder(path)
     except OSError as ex:
         raise OutputError(f"cannot create the folder {path}: {ex.strerror}") from None
     if not path.is_dir():
         raise OutputError(f"{path} is not a folder")
     return path
+
+
+_created: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("cl3_created_folders", default=None)
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """``mkdir -p``; inside :func:`removing_created_folders`, the folders it made are remembered."""
+    path = Path(path)
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    if (created := _created.get()) is not None:
+        created.extend(reversed(missing))
+    return path
+
+
+@contextlib.contextmanager
+def removing_created_folders() -> Iterator[None]:
+    """Folders :func:`make_folder` creates in the block are removed again when the block fails and they are
+    still empty (a full disk or Ctrl-C leaves no empty ``q/``, ``NAME.models/`` or LM Studio folder behind)."""
+    created: list[Path] = []
+    token = _created.set(created)
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(created):  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
+        raise
+    finally:
+        _created.reset(token)
 
 
 def check_new_output(path: Path, force: bool) -> None:

@@ -1,9 +1,11 @@
 """Outputs (cl3/files.py and its callers): what a killed run leaves behind is cleaned up by the next run writing the
-same output, never a file another process is still writing (issue 20 item 7)."""
+same output, never a file another process is still writing (issue 20 item 7); a full disk leaves no empty folder,
+and imatrix checks its room before the work and keeps its result when the write fails anyway (item 10)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +13,14 @@ import time
 from pathlib import Path
 
 import gguf
+import numpy as np
+import pytest
 
-from cl3 import files
+from cl3 import files, paths
+from cl3.errors import OutputError
+from cl3.imatrix import imatrix_file_size, make_imatrix, model_weights, read_imatrix
 
-from .conftest import run_cl3
+from .conftest import one_line_error, run_cl3
 
 
 def _partials(folder: Path, name: str) -> list[Path]:
@@ -96,3 +102,87 @@ def test_partial_names_carry_the_writer(tmp_path):
     with files.atomic_output(target) as tmp:
         assert tmp.name.startswith(f".model.gguf.{files._host()}-{os.getpid()}-{files._start_time(os.getpid())}.")
         tmp.write_bytes(b"x")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A full disk (a real one: a small tmpfs) leaves no empty folder behind, and imatrix checks its room first (item 10)
+# ----------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size)``: a folder on a tmpfs of that size (mounting needs root: skipped otherwise)."""
+    mounted = []
+
+    def mount(size: str = "1m") -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, check=False) if os.geteuid() == 0 else None
+        if done is None or done.returncode:
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        if subprocess.run(["umount", str(folder)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(folder)], check=False)  # still busy: detach it all the same
+
+
+def _fill(folder: Path, leave: int) -> None:
+    """Take all but about ``leave`` bytes of the folder's filesystem."""
+    free = shutil.disk_usage(folder).free
+    (folder / "filler").write_bytes(b"\0" * max(free - leave, 0))
+
+
+def test_failed_runs_leave_no_empty_output_folders(tiny_llama3_gguf, small_disk, monkeypatch):
+    disk = small_disk("1m")  # the model is 6.8 MB: none of its copies fits
+    (disk / "kept").mkdir()  # a folder that was there before stays
+    monkeypatch.setenv("CL3_LMSTUDIO_MODELS_DIR", str(disk / "lmstudio"))
+    runs = {
+        "quantize": ("quantize", tiny_llama3_gguf, "Q8_0", "-o", disk / "q/"),
+        "quantize into an existing folder": ("quantize", tiny_llama3_gguf, "Q8_0", "-o", disk / "kept/"),
+        "export lmstudio": ("export", "lmstudio", tiny_llama3_gguf),
+        "bench": ("bench", tiny_llama3_gguf, "--type", "Q8_0", "-c", "64", "--chunks", "2", "-o", disk / "tables/"),
+    }
+    for what, args in runs.items():
+        result = run_cl3(*args, "-q" if what != "export lmstudio" else "--force")
+        assert "no space left" in one_line_error(result), what
+        assert sorted(p.name for p in disk.rglob("*")) == ["kept"], what
+
+
+def test_imatrix_checks_its_room_before_any_work(tiny_llama3_gguf, small_disk):
+    disk = small_disk("1m")
+    _fill(disk, 8 << 10)  # 8 KiB left; the file alone is about 19 KB
+    result = run_cl3("imatrix", tiny_llama3_gguf, "-c", "64", "--chunks", "2", "-o", disk / "im.gguf", "-q")
+    line = one_line_error(result, "MB free; the imatrix (and its checkpoints) needs about")
+    assert "see -o/--output" in line
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_imatrix_keeps_its_result_when_the_disk_fills_during_the_run(tiny_llama3_gguf, small_disk, tmp_path):
+    disk = small_disk("1m")
+
+    def someone_fills_the_disk(done, total):
+        _fill(disk, 0)
+
+    with pytest.raises(OutputError) as failed:
+        make_imatrix(tiny_llama3_gguf, out=disk / "im.gguf", n_ctx=64, chunks=2, progress=someone_fills_the_disk)
+    message = str(failed.value)
+    kept = paths.cache_dir() / "imatrix" / "im.gguf"
+    assert "no space left" in message and f"the 2 chunks computed are kept in {kept}" in message
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    expected = make_imatrix(tiny_llama3_gguf, out=tmp_path / "im.gguf", n_ctx=64, chunks=2).imatrix
+    got = read_imatrix(kept)
+    assert (got.chunk_count, sorted(got.entries)) == (2, sorted(expected.entries))
+    for name, e in expected.entries.items():
+        np.testing.assert_array_equal(got.entries[name].counts, e.counts)
+        np.testing.assert_allclose(got.entries[name].sums.reshape(e.sums.shape), e.sums, rtol=1e-6)
+
+
+def test_imatrix_size_bound(tiny_llama3_gguf, tmp_path):
+    """The room imatrix asks for is an upper bound of the file it writes, and not a wild one."""
+    out = make_imatrix(tiny_llama3_gguf, out=tmp_path / "im.gguf", n_ctx=64, chunks=2, process_output=True).path
+    bound = imatrix_file_size(model_weights(tiny_llama3_gguf), process_output=True,
+                              datasets=read_imatrix(out).datasets)
+    assert out.stat().st_size <= bound <= 2 * out.stat().st_size + 8192
