@@ -204,10 +204,11 @@ def removing_created_folders() -> Iterator[None]:
     token = _created.set(created)
     try:
         yield
-    except BaseException:
-        for folder in reversed(created):  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only an empty one
+    except BaseException as ex:
+        if not (isinstance(ex, SystemExit) and not ex.code):
+            for folder in reversed(created):  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only an empty one
         raise
     finally:
         _created.reset(token)

@@ -151,6 +151,19 @@ def test_failed_runs_leave_no_empty_output_folders(tiny_llama3_gguf, small_disk,
         assert sorted(p.name for p in disk.rglob("*")) == ["kept"], what
 
 
+def test_only_empty_folders_the_failed_block_created_are_removed(tmp_path):
+    (tmp_path / "there").mkdir()
+    with pytest.raises(OutputError), files.removing_created_folders():
+        files.output_directory(tmp_path / "a" / "b/")
+        files.make_folder(tmp_path / "there" / "c")
+        (files.make_folder(tmp_path / "used") / "file").write_text("kept")
+        raise OutputError("no space left on the device")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["there", "used", "used/file"]
+    with files.removing_created_folders():  # a run that succeeds keeps its (empty) folder
+        files.make_folder(tmp_path / "ok")
+    assert (tmp_path / "ok").is_dir()
+
+
 def test_imatrix_checks_its_room_before_any_work(tiny_llama3_gguf, small_disk):
     disk = small_disk("1m")
     _fill(disk, 8 << 10)  # 8 KiB left; the file alone is about 19 KB
