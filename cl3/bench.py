@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import llama, measure
 from .errors import InputError, UsageError
-from .files import atomic_output
+from .files import atomic_output, make_folder
 from .hf import check_model_source
 from .metadata import read_metadata
 from .progress import Stage, stage_progress
@@ -225,7 +225,7 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
         raise UsageError("the context size must be at least 16", param="n_ctx")
     check_model_source(src)
     work = Path(work_dir) if work_dir else out.parent / f"{out.name}.models"
-    work.mkdir(parents=True, exist_ok=True)
+    make_folder(work)
 
     text, text_name = _text_and_name(text_file)
     imatrix_name = None
@@ -254,7 +254,7 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
     quant_dir = work
     if imatrix_name:
         quant_dir = work / f"imatrix-{hashlib.sha256(imatrix_name.encode()).hexdigest()[:8]}"
-        quant_dir.mkdir(exist_ok=True)
+        make_folder(quant_dir)
     job = BenchJob(source.path, source.file_type, source.base_name, settings, text, imatrix, work, quant_dir)
     return job, table, out
 

@@ -34,7 +34,7 @@ from .chat_templates import (
     stop_candidates,
 )
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
-from .files import atomic_output, check_new_output, output_directory
+from .files import atomic_output, check_new_output, make_folder, output_directory
 
 # --------------------------------------------------------------------------------------------------------------------
 # What the export needs from the GGUF
@@ -693,7 +693,7 @@ def export_lmstudio(gguf_path: str | os.PathLike, models_dir: str | os.PathLike 
     model = _folder_name(model or (info.name or info.path.stem) + "-GGUF")
     target_dir = root / publisher / model
     try:
-        target_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(target_dir)
     except OSError as ex:
         raise OutputError(f"cannot create {target_dir}: {ex.strerror}") from None
     target = target_dir / info.path.name

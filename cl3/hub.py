@@ -18,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import paths
 from .errors import InputError, UsageError
@@ -144,10 +144,10 @@ def _modelscope_download(repo_id, revision, patterns, out, endpoint, cache_dir, 
         root = Path(cache_dir) if cache_dir else paths.cache_dir()
         out = root / "modelscope" / repo_id.replace("/", "--") / revision
     out = Path(out)
+    targets = [_inside(out, f["Path"], repo_id, base) for f in wanted]  # all checked before anything is written
     total = sum(int(f.get("Size") or 0) for f in wanted)
     done = 0
-    for f in wanted:
-        target = out / f["Path"]
+    for f, target in zip(wanted, targets):
         size = int(f.get("Size") or 0)
         if not (target.is_file() and target.stat().st_size == size):
             url = f"{base}/api/v1/models/{quoted}/repo?" + urllib.parse.urlencode({"Revision": revision,
@@ -158,6 +158,16 @@ def _modelscope_download(repo_id, revision, patterns, out, endpoint, cache_dir, 
         if progress:
             progress(done, total)
     return out
+
+
+def _inside(out: Path, listed: str, repo_id: str, base: str) -> Path:
+    """`out / listed`, refused when the listed path is absolute, has `..` or leaves `out` (a hostile listing)."""
+    rel = PurePosixPath(listed) if isinstance(listed, str) and "\0" not in listed and "\\" not in listed else None
+    target = out / rel if rel is not None and rel.parts and not rel.is_absolute() and ".." not in rel.parts else None
+    if target is None or not target.resolve().is_relative_to(out.resolve()) or target.resolve() == out.resolve():
+        raise InputError(f"{repo_id} on {base} lists a file path that leaves the output folder: {listed!r}; "
+                         "nothing was downloaded")
+    return target
 
 
 def _ms_headers() -> dict[str, str]:

@@ -14,6 +14,7 @@ Files: the GGUF format (``general.type = imatrix``, ``imatrix.datasets``, ``imat
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -181,23 +182,31 @@ def write_imatrix(imatrix: Imatrix, path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_output(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch="")
-        writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
-        writer.add_string(gguf.Keys.General.TYPE, "imatrix")
-        writer.add_key_value(IMATRIX_DATASETS, list(imatrix.datasets), gguf.GGUFValueType.ARRAY,
-                             sub_type=gguf.GGUFValueType.STRING)
-        writer.add_uint32(IMATRIX_CHUNK_COUNT, imatrix.chunk_count)
-        writer.add_uint32(IMATRIX_CHUNK_SIZE, imatrix.chunk_size)
-        for name in sorted(imatrix.entries):
-            e = imatrix.entries[name]
-            n_mat = len(e.counts)
-            if n_mat == 0 or e.sums.size == 0:
-                continue
-            writer.add_tensor(f"{name}.in_sum2", np.asarray(e.sums, dtype=np.float32).reshape(n_mat, -1))
-            writer.add_tensor(f"{name}.counts", np.asarray(e.counts, dtype=np.float32).reshape(n_mat, 1))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
+            writer.add_string(gguf.Keys.General.TYPE, "imatrix")
+            writer.add_key_value(IMATRIX_DATASETS, list(imatrix.datasets), gguf.GGUFValueType.ARRAY,
+                                 sub_type=gguf.GGUFValueType.STRING)
+            writer.add_uint32(IMATRIX_CHUNK_COUNT, imatrix.chunk_count)
+            writer.add_uint32(IMATRIX_CHUNK_SIZE, imatrix.chunk_size)
+            for name in sorted(imatrix.entries):
+                e = imatrix.entries[name]
+                n_mat = len(e.counts)
+                if n_mat == 0 or e.sums.size == 0:
+                    continue
+                # llama-imatrix's shapes: ggml [n, n_mat] and [1, n_mat], stored without trailing 1s (ggml_n_dims), so
+                # 1-D [n] and [1] for a dense weight, 2-D for experts
+                sums_shape, counts_shape = ((n_mat, -1), (n_mat, 1)) if n_mat > 1 else ((-1,), (1,))
+                writer.add_tensor(f"{name}.in_sum2", np.asarray(e.sums, dtype=np.float32).reshape(sums_shape))
+                writer.add_tensor(f"{name}.counts", np.asarray(e.counts, dtype=np.float32).reshape(counts_shape))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk: release the file (its space) all the same
+                writer.close()
+            raise
     return path
 
 
@@ -257,12 +266,15 @@ class Collector:
 
     def __init__(self, *, process_output: bool = False, start: Imatrix | None = None) -> None:
         self.process_output = process_output
+        self.stop_now: Callable[[], bool] = lambda: False  # a second Ctrl-C: abandon the decode under way
         self.entries: dict[str, Entry] = {}
         if start is not None:
             for name, e in start.entries.items():
                 self.entries[name] = Entry(np.asarray(e.sums, dtype=np.float64).copy(), e.counts.copy())
 
     def __call__(self, t: llama.GgmlTensor, ask: bool) -> bool:
+        if self.stop_now():
+            raise KeyboardInterrupt  # re-raised after the decode (Context); nothing more is collected in it
         if ask:
             return self._wants(t)
         self._collect(t)
@@ -407,11 +419,15 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
         saved = current()
 
         def on_rows(chunk: int, logits: np.ndarray, targets: np.ndarray) -> None:
+            if collector.stop_now():
+                raise KeyboardInterrupt
             sums["nll"] += float(nll(logits, targets).sum())
             sums["count"] += len(targets)
 
         def after_group(done: int, total: int) -> None:
             nonlocal saved
+            if collector.stop_now():  # this group may lack what a callback dropped: keep the last snapshot
+                raise KeyboardInterrupt
             before, sums["done"] = sums["done"], done
             saved = current()
             if progress:
@@ -420,13 +436,15 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
                 on_perplexity(math.exp(sums["nll"] / sums["count"]))
             if checkpoint and done // checkpoint_every > before // checkpoint_every and done < total:
                 checkpoint(saved)
-            if interrupted():
+            if presses():
                 raise KeyboardInterrupt
 
         try:
-            with _deferred_interrupt() as interrupted, \
+            with _deferred_interrupt() as presses, \
                     llama.Context(m, n_ctx=layout.ctx_size, n_batch=layout.n_batch, n_seq=layout.n_seq,
+                                  n_ubatch=layout.ubatch_without_small_pieces(n_chunks, MIN_ROWS),
                                   threads=threads, on_eval=collector) as ctx:
+                collector.stop_now = lambda: presses() >= 2
                 score_chunks(ctx, tokens, layout, n_chunks, on_rows, all_outputs=True, after_group=after_group)
         except KeyboardInterrupt:
             if checkpoint and saved.entries:
@@ -434,6 +452,48 @@ def compute_imatrix(model: str | os.PathLike, text: str, *, dataset: str, n_ctx:
             raise
     perplexity = math.exp(sums["nll"] / sums["count"]) if sums["count"] else None
     return ImatrixResult(saved, perplexity, n_chunks, m.backend)
+
+
+def imatrix_file_size(weights: dict[str, tuple[int, ...]], *, process_output: bool = False,
+                      datasets: list[str] | None = None) -> int:
+    """An upper bound of the size of the imatrix file of a model with these weights (GGUF shapes by name): one
+    in_sum2 (ne0 per matrix) and one counts (1 per matrix) tensor per blk.* matrix, aligned to 32 bytes, with
+    their headers and the metadata."""
+    size = 4096 + sum(len(d.encode()) + 8 for d in datasets or [])
+    for name, ne in weights.items():
+        if len(ne) < 2 or not (name.startswith("blk.") or (process_output and name == "output.weight")):
+            continue
+        n_mat = ne[2] if len(ne) > 2 else 1
+        size += 2 * (len(name.encode()) + 8 + 64) + (4 * ne[0] * n_mat + 31) // 32 * 32 + (4 * n_mat + 31) // 32 * 32
+    return size
+
+
+def _check_room(out: Path, needed: int) -> None:
+    import shutil
+
+    folder = out.parent if str(out.parent) else Path(".")
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputError(f"{folder} has {free / 1e6:.1f} MB free; the imatrix (and its checkpoints) needs about "
+                          f"{needed / 1e6:.1f} MB: point the output at a folder with room", param="out")
+
+
+def _write_or_keep(imatrix: Imatrix, out: Path) -> None:
+    """Write the finished imatrix; when that fails (a full disk), keep it in the cache instead of losing the run."""
+    from . import paths
+
+    try:
+        write_imatrix(imatrix, out)
+    except OutputError as ex:
+        kept = paths.cache_dir() / "imatrix" / out.name
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            write_imatrix(imatrix, kept)
+        except (OutputError, OSError):
+            raise OutputError(f"{ex}; nothing could be kept ({kept.parent} is not writable or full either): point "
+                              "the output at a folder with room", param="out") from None
+        raise OutputError(f"{ex}; the {imatrix.chunk_count} chunks computed are kept in {kept}: move it where you "
+                          "want it once there is room (no need to compute them again)") from None
 
 
 def model_weights(model: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -519,10 +579,18 @@ def make_imatrix(model: str | os.PathLike | None, texts: list[str | os.PathLike]
     else:
         text, dataset = calibration.calibration_text(), calibration.builtin_name(calibration.CALIBRATION)
         special = parse_special is not False
+    # room for the file and, while a checkpoint replaces the last one, a second copy: checked before any work
+    _check_room(out, 2 * imatrix_file_size(model_weights(model), process_output=process_output, datasets=[dataset]))
     saved = {"chunks": 0}
 
     def checkpoint(partial: Imatrix) -> None:
-        write_imatrix(partial, out)
+        try:
+            write_imatrix(partial, out)
+        except OutputError as ex:  # the disk filled up meanwhile: go on, the end keeps the result somewhere
+            if not saved.get("warned"):
+                logging.getLogger("cl3").warning("checkpoints not saved: %s", ex)
+            saved["warned"] = True
+            return
         saved["chunks"] = partial.chunk_count
 
     try:
@@ -533,31 +601,33 @@ def make_imatrix(model: str | os.PathLike | None, texts: list[str | os.PathLike]
                                  on_perplexity=on_perplexity)
     except KeyboardInterrupt:
         raise Interrupted(out, saved["chunks"]) from None
-    write_imatrix(result.imatrix, out)
+    _write_or_keep(result.imatrix, out)
     return ImatrixRun(out, result.imatrix, result.perplexity, len(in_files), result.backend)
 
 
 @contextlib.contextmanager
 def _deferred_interrupt():
-    """Turn Ctrl-C into a flag checked between chunks: a KeyboardInterrupt raised inside llama.cpp's eval callback
-    could not cross the C boundary and would be lost."""
-    hit = [False]
+    """Count Ctrl-C presses instead of raising: the first stops after the current group of chunks, the second
+    (checked by the collector at its next call) abandons the decode under way, the third raises at once. Raised
+    by the handler inside llama.cpp's eval callback, a KeyboardInterrupt is swallowed at the C boundary (with a
+    traceback on stderr) and the node it hit goes uncollected, so the first two never raise there."""
+    presses = [0]
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield lambda: False
+        yield lambda: 0
         return
 
     def on_sigint(signum, frame) -> None:
-        if hit[0]:  # a second Ctrl-C: stop now
+        presses[0] += 1
+        if presses[0] >= 3:
             raise KeyboardInterrupt
-        hit[0] = True
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield lambda: hit[0]
+        yield lambda: presses[0]
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if hit[0]:
+    if presses[0]:
         raise KeyboardInterrupt
 
 

@@ -55,6 +55,30 @@ class ChunkLayout:
     def scored_per_chunk(self) -> int:
         return self.n_ctx - 1 - self.first_scored
 
+    def ubatch_without_small_pieces(self, n_chunks: int, min_rows: int, preferred: int = 512) -> int:
+        """The n_ubatch nearest ``preferred`` for which llama.cpp cuts no decode of ``n_chunks`` chunks into a piece
+        of fewer than ``min_rows`` rows (llama-imatrix's filter skips such pieces, so some rows of each chunk would
+        go uncounted: 6 chunks of 256 at the default 512 end in a piece of one token per chunk).
+
+        llama.cpp's split (llama_batch_allocr): one sequence in the context takes ``n_ubatch`` tokens at a time;
+        several take ``n_ubatch // n`` tokens of each of the ``n`` sequences in the decode at a time.
+        """
+        groups = {min(self.n_seq, n_chunks - i) for i in range(0, n_chunks, self.n_seq)}
+        sizes = {min(self.n_ctx - start, self.n_batch) for start in range(0, self.n_ctx, self.n_batch)}
+
+        def keeps_all_rows(n_ubatch: int) -> bool:
+            for n in groups:
+                step = n_ubatch // n if self.n_seq > 1 else n_ubatch
+                if step * n < min_rows or any(0 < size % step and (size % step) * n < min_rows for size in sizes):
+                    return False
+            return True
+
+        preferred = min(preferred, self.n_batch)
+        for candidate in sorted(range(1, self.n_batch + 1), key=lambda u: (abs(u - preferred), -u)):
+            if keeps_all_rows(candidate):
+                return candidate
+        return preferred
+
     def chunks_in(self, n_tokens: int, limit: int | None = None) -> int:
         """How many chunks a text of ``n_tokens`` gives (at most ``limit``); it needs at least two."""
         if n_tokens < 2 * self.n_ctx:

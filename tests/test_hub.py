@@ -22,7 +22,7 @@ import pytest
 from cl3.errors import Cl3Error
 from cl3.hub import download, resolve_source
 
-from .conftest import run_cl3
+from .conftest import one_line_error, run_cl3
 
 
 class _Server:
@@ -312,3 +312,31 @@ def test_modelscope_checks_sha256(modelscope, tmp_path):
     with pytest.raises(Cl3Error, match="SHA-256"):
         download("LLM-Research/tiny", source="modelscope", out=tmp_path / "out")
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("listed", ["../../../../tmp/x/evil.safetensors", "sub/../../escape.safetensors",
+                                    "{tmp}/abs/evil.safetensors"])
+def test_modelscope_listing_cannot_write_outside_the_output_folder(tmp_path, monkeypatch, listed):
+    listed = listed.format(tmp=tmp_path)
+    server = FakeModelScope({"LLM-Research/tiny": dict(REPO) | {listed: b"evil"}})
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", server.url)
+    out = tmp_path / "a" / "b" / "c" / "d" / "out"  # deep enough that ../../../.. stays inside tmp_path
+    try:
+        proc = run_cl3("download", "LLM-Research/tiny", "--source", "modelscope", "-o", out, "-q")
+    finally:
+        server.close()
+    assert "leaves the output folder" in one_line_error(proc, listed)
+    assert not server.gets(listed), "the hostile file was requested"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_modelscope_listing_cannot_write_through_a_symlink(modelscope, tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "sub").symlink_to(elsewhere)
+    modelscope.repos["LLM-Research/tiny"]["sub/model.safetensors"] = b"evil"
+    with pytest.raises(Cl3Error, match="leaves the output folder"):
+        download("LLM-Research/tiny", source="modelscope", out=out)
+    assert list(elsewhere.iterdir()) == []
+    assert not any(p.is_file() for p in out.rglob("*"))

@@ -3,6 +3,7 @@ bad inputs, and parity with llama.cpp's own llama-imatrix when the reference too
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import subprocess
@@ -17,7 +18,8 @@ from llama_cpp import Llama
 
 from cl3.calibration import calibration_text, evaluation_text
 from cl3.errors import InputError
-from cl3.imatrix import Entry, Imatrix, read_imatrix, write_imatrix
+from cl3.imatrix import Entry, Imatrix, Interrupted, compute_imatrix, make_imatrix, read_imatrix, write_imatrix
+from cl3.scoring import ChunkLayout
 
 from .conftest import one_line_error, run_cl3
 from .reference import llama_logits
@@ -46,6 +48,10 @@ def calib_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(calibration_text()[:20000] + "\n", encoding="utf-8")
     return path
+
+
+def tensor_shapes(path) -> dict[str, list[int]]:
+    return {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(path).tensors}
 
 
 def llama_tokens(model_path, text: str) -> list[int]:
@@ -102,6 +108,8 @@ def test_gguf_write_read_round_trip(tmp_path):
     shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
     assert shapes["blk.0.ffn_down_exps.weight.in_sum2"] == [6, 4]
     assert shapes["blk.0.ffn_down_exps.weight.counts"] == [1, 4]
+    assert shapes["blk.0.attn_q.weight.in_sum2"] == [8]  # dense: 1-D, as llama-imatrix (ggml_n_dims drops the 1)
+    assert shapes["blk.0.attn_q.weight.counts"] == [1]
     assert reader.get_field("general.architecture") is None
 
     back = read_imatrix(path)
@@ -113,6 +121,23 @@ def test_gguf_write_read_round_trip(tmp_path):
     imp = back.importances()["blk.0.ffn_down_exps.weight"].reshape(4, 6)
     np.testing.assert_allclose(imp[0], original.entries["blk.0.ffn_down_exps.weight"].sums[0] / 100, rtol=1e-6)
     np.testing.assert_array_equal(imp[1], np.ones(6, np.float32))
+
+
+def test_reads_dense_entries_stored_2d(tmp_path):
+    """Files cl3 wrote before (dense in_sum2 [n, 1], counts [1, 1]) still read the same."""
+    sums = np.arange(1, 9, dtype=np.float32)
+    writer = gguf.GGUFWriter(tmp_path / "old.imatrix.gguf", arch="")
+    writer.add_string(gguf.Keys.General.TYPE, "imatrix")
+    writer.add_tensor("blk.0.attn_q.weight.in_sum2", sums.reshape(1, 8))
+    writer.add_tensor("blk.0.attn_q.weight.counts", np.array([[64]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert [[int(d) for d in t.shape] for t in gguf.GGUFReader(tmp_path / "old.imatrix.gguf").tensors] == [[8, 1], [1, 1]]
+    e = read_imatrix(tmp_path / "old.imatrix.gguf").entries["blk.0.attn_q.weight"]
+    np.testing.assert_array_equal(e.sums, sums.reshape(1, 8))
+    assert e.counts.tolist() == [64]
 
 
 def test_reads_legacy_dat(tmp_path):
@@ -202,6 +227,7 @@ def test_parity_with_llama_imatrix(reference_bin, tiny_llama3_gguf, calib_file, 
     a, b = read_imatrix(ours), read_imatrix(theirs)
     assert sorted(a.entries) == sorted(b.entries)
     assert (a.chunk_count, a.chunk_size, a.datasets) == (b.chunk_count, b.chunk_size, b.datasets)
+    assert tensor_shapes(ours) == tensor_shapes(theirs)  # what gguf-py readers see: 1-D for dense weights
     for name in a.entries:
         np.testing.assert_array_equal(a.entries[name].counts, b.entries[name].counts)
         np.testing.assert_allclose(a.entries[name].sums, b.entries[name].sums, rtol=1e-3, err_msg=name)
@@ -299,6 +325,7 @@ def test_moe_parity_with_llama_imatrix(reference_bin, tiny_moe_gguf, calib_file,
                     "--chunks", "6", "-o", theirs, "-t", "2", "--no-ppl"], check=True, capture_output=True)
     a, b = read_imatrix(ours), read_imatrix(theirs)
     assert sorted(a.entries) == sorted(b.entries)
+    assert tensor_shapes(ours) == tensor_shapes(theirs)  # experts 2-D, the dense router 1-D
     for name in a.entries:
         np.testing.assert_array_equal(a.entries[name].counts, b.entries[name].counts, err_msg=name)
         np.testing.assert_allclose(a.entries[name].sums, b.entries[name].sums, rtol=1e-3, err_msg=name)
@@ -410,3 +437,101 @@ def test_combining_parity_with_llama_imatrix(reference_bin, two_imatrices, tiny_
     for name in x.entries:
         np.testing.assert_array_equal(x.entries[name].counts, y.entries[name].counts)
         np.testing.assert_allclose(x.entries[name].sums, y.entries[name].sums, rtol=1e-6, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every token of every chunk is counted, so the chunk count read back (and --resume) is exact (issue 20, item 6)
+# ----------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("n_ctx", "n_batch", "chunks"), [(256, 2048, 6), (256, 2048, 2), (256, 2048, 9),
+                                                          (256, 1536, 7), (1030, 2048, 1)])
+def test_counts_cover_every_token_of_every_chunk(tiny_llama3_gguf, n_ctx, n_batch, chunks):
+    """Each chunk sends its n_ctx tokens through every blk.* weight once. At llama.cpp's default ubatch of 512,
+    6 chunks of 256 side by side split into pieces of 85 tokens per chunk and a last piece of 1 per chunk (6 rows),
+    and 1030 tokens into 512 + 512 + 6: pieces under llama-imatrix's 16-row minimum, which went uncounted."""
+    result = compute_imatrix(tiny_llama3_gguf, calibration_text(), dataset="cal", n_ctx=n_ctx, n_batch=n_batch,
+                             chunks=chunks, parse_special=True)
+    assert result.imatrix.chunk_count == chunks
+    assert {name: e.counts.tolist() for name, e in result.imatrix.entries.items()} == \
+        {name: [chunks * n_ctx] for name in result.imatrix.entries}
+
+
+def _assert_same_imatrix(a: Imatrix, b: Imatrix) -> None:
+    assert (a.chunk_count, a.chunk_size, a.datasets) == (b.chunk_count, b.chunk_size, b.datasets)
+    assert sorted(a.entries) == sorted(b.entries)
+    for name in a.entries:
+        np.testing.assert_array_equal(a.entries[name].counts, b.entries[name].counts, err_msg=name)
+        # the resumed run added to sums read back as float32: equal up to that rounding
+        np.testing.assert_allclose(a.entries[name].sums, b.entries[name].sums, rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(("chunks", "n_batch"), [(6, 2048), (12, 1536)])
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_llama3_gguf, calib_file, tmp_path, chunks, n_batch):
+    """Ctrl-C (SIGINT to this process, from the progress callback after the first group of chunks) then
+    --resume gives the file an uninterrupted run writes. (6, 2048) is the issue's case: one group of 6 chunks."""
+    common = dict(n_ctx=256, chunks=chunks, n_batch=n_batch)
+    whole = make_imatrix(tiny_llama3_gguf, [calib_file], out=tmp_path / "whole.imatrix.gguf", **common)
+    part = tmp_path / "part.imatrix.gguf"
+
+    def ctrl_c(done, total):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as stopped:
+        make_imatrix(tiny_llama3_gguf, [calib_file], out=part, progress=ctrl_c, **common)
+    assert stopped.value.saved_chunks == 6 and read_imatrix(part).chunk_count == 6
+    resumed = make_imatrix(tiny_llama3_gguf, [calib_file], out=part, resume=True, **common)
+    assert resumed.imatrix.chunk_count == whole.imatrix.chunk_count == chunks
+    _assert_same_imatrix(read_imatrix(part), read_imatrix(whole.path))
+
+
+def test_ctrl_c_twice_then_resume_equals_uninterrupted(tiny_llama3_gguf, tmp_path):
+    """The CLI: a child `cl3 imatrix` gets Ctrl-C twice once its first checkpoint (chunk 12) is written."""
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text(), encoding="utf-8")  # far more than 36 chunks of 256 tokens
+    common = ("-f", text, "-c", "256", "-b", "1536", "--chunks", "36", "-q")
+    whole, part = tmp_path / "whole.imatrix.gguf", tmp_path / "part.imatrix.gguf"
+    assert run_cl3("imatrix", tiny_llama3_gguf, *common, "-o", whole).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "cl3", "imatrix", tiny_llama3_gguf, *map(str, common), "-o", part],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    deadline = time.monotonic() + 120
+    while not part.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr  # not raised inside the eval callback
+    saved = read_imatrix(part)
+    assert 12 <= saved.chunk_count < 36 and saved.chunk_count % 6 == 0
+    result = run_cl3("imatrix", tiny_llama3_gguf, *common, "-o", part, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "36 chunks" in result.stdout
+    _assert_same_imatrix(read_imatrix(part), read_imatrix(whole))
+
+
+def test_six_chunks_parity_with_llama_imatrix(reference_bin, tiny_llama3_gguf, tmp_path):
+    """-c 256 --chunks 6: cl3 counts all 1536 tokens; so does llama-imatrix at the ubatch size cl3 picks, with the
+    same values. (At its default -ub 512 llama-imatrix drops the 6-row pieces: 1530, and its file says 5 chunks.)"""
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text(), encoding="utf-8")
+    ours = tmp_path / "cl3.imatrix.gguf"
+    result = run_cl3("imatrix", tiny_llama3_gguf, "-f", text, "-c", "256", "--chunks", "6", "-o", ours, "-q",
+                     "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    n_ubatch = ChunkLayout.of(256, 2048).ubatch_without_small_pieces(6, 16)
+    theirs = {}
+    for ub in (n_ubatch, 512):
+        theirs[ub] = tmp_path / f"llama-ub{ub}.imatrix.gguf"
+        subprocess.run([reference_bin / "llama-imatrix", "-m", tiny_llama3_gguf, "-f", text, "-c", "256",
+                        "--chunks", "6", "-ub", str(ub), "-o", theirs[ub], "-t", "2", "--no-ppl"],
+                       check=True, capture_output=True)
+    a, b = read_imatrix(ours), read_imatrix(theirs[n_ubatch])
+    assert a.chunk_count == b.chunk_count == 6
+    assert sorted(a.entries) == sorted(b.entries)
+    for name in a.entries:
+        assert a.entries[name].counts.tolist() == b.entries[name].counts.tolist() == [1536]
+        np.testing.assert_allclose(a.entries[name].sums, b.entries[name].sums, rtol=1e-3, err_msg=name)
+    default = read_imatrix(theirs[512])
+    assert default.chunk_count == 5 and {int(e.counts[0]) for e in default.entries.values()} == {1530}

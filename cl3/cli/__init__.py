@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import Cl3Error, Interrupted
+from ..files import removing_created_folders
 
 # Each module registers its commands on the app; the import order is the order `cl3 --help` lists them (pipeline order).
 # isort: off
@@ -32,6 +33,10 @@ from .options import hint, modern_argv
 _click = sys.modules[typer.BadParameter.__module__]
 
 
+class _Failed(Exception):
+    """A command that ended with a non-zero code: the folders it created, if empty, go."""
+
+
 class _NoteHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         err.print(f"[yellow]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
@@ -45,7 +50,12 @@ def main(argv: list[str] | None = None) -> None:
         logger.propagate = False
     args = modern_argv(sys.argv[1:] if argv is None else list(argv))
     try:
-        code = app(args=args, prog_name="cl3", standalone_mode=False)
+        with removing_created_folders():
+            code = app(args=args, prog_name="cl3", standalone_mode=False)
+            if code:  # typer's Ctrl-C and usage exits return a code
+                raise _Failed
+    except _Failed:
+        pass
     except Interrupted as ex:
         err.print(f"interrupted: {escape(str(ex))}", highlight=False, soft_wrap=True)
         sys.exit(ex.exit_code)

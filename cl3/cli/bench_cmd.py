@@ -94,7 +94,7 @@ def bench(
     from .. import bench as bench_mod
     from .. import bench_ray
     from ..errors import Interrupted, UsageError
-    from ..files import is_directory_target, output_directory
+    from ..files import is_directory_target, make_folder, output_directory
     from ..hf import check_model_source
     from ..hub import resolve_source
 
@@ -111,7 +111,7 @@ def bench(
     bench_ray.table_names(paths)  # two sources of one name: refused before any folder is made
     name = paths[0].name.removesuffix(".gguf") if len(paths) == 1 else ""
     if output is None:
-        Path("quant_tables").mkdir(exist_ok=True)
+        make_folder("quant_tables")
         output = Path("quant_tables") / name
     elif is_directory_target(output) or len(paths) > 1:  # several sources: always a folder
         output = output_directory(output) / name
