@@ -139,6 +139,11 @@ MORE = {
 }
 
 
+# the issue's "internal error" cases (item 9) go through every command it names
+MORE_COMMANDS = {name: ("info", "check", "quantize", "ppl") for name in ("key_not_utf8", "tensor_not_utf8",
+                                                                         "bos_as_string")}
+
+
 def random_variant(rng: random.Random, source: bytes, header_end: int):
     """One seeded damage: header bytes, a key's type, an array's length, a count, a tensor's shape or type."""
     g = ge.read_bytes(source)
@@ -189,7 +194,7 @@ def named_results(tiny_llama3_gguf_f16, work):
     """The issue's crash cases and the brief's other damage, each command once, in one forked batch."""
     models = {name: make_variant(tiny_llama3_gguf_f16, work, name, edit) for name, edit in {**NAMED, **MORE}.items()}
     cases = [(v, models[v], kind) for v, kind in ISSUE_CRASHES] + \
-            [(name, models[name], kind) for name in MORE for kind in ("info", "quantize")]
+            [(name, models[name], kind) for name in MORE for kind in MORE_COMMANDS.get(name, ("info", "quantize"))]
     return {(label, kind): result for (label, _, kind), result in zip(cases, run_and_check(cases, work))}
 
 
@@ -203,7 +208,7 @@ def test_issue_crash_cases_end_in_one_error_line(named_results, variant, kind):
 
 @pytest.mark.parametrize("variant", list(MORE))
 def test_damaged_metadata_is_refused_cleanly(named_results, variant):
-    for kind in ("info", "quantize"):
+    for kind in MORE_COMMANDS.get(variant, ("info", "quantize")):
         result = named_results[variant, kind]
         check_outcome(f"{variant} {kind}", result)
         assert result["returncode"] != 0 and "error:" in result["stderr"], f"{variant} {kind}: {result}"
