@@ -57,7 +57,6 @@ INTEGER_KEYS = ("general.file_type", "general.quantization_version", "tokenizer.
                 "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
                 "tokenizer.ggml.seperator_token_id", "tokenizer.ggml.mask_token_id")
 BOOL_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_sep_token")
-SPECIAL_ID_KEYS = tuple(k for k in INTEGER_KEYS if k.endswith("_token_id"))
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
@@ -140,10 +139,8 @@ def _check_tokenizer(f: GgufFile) -> int | None:
     merges = "tokenizer.ggml.merges"
     if f.kv_type(merges) is not None and f.array_type(merges) != GGUF_STRING:
         raise _fail(f, merges, f"must be an array of strings, not {_type_name(f, merges)}")
-    for key in SPECIAL_ID_KEYS:
-        tid = f.get(key) if f.kv_type(key) is not None else None
-        if tid is not None and not 0 <= tid < n_tokens:
-            raise _fail(f, key, f"is {tid}, outside the vocabulary of {n_tokens} tokens")
+    # a special id outside the vocabulary is tolerated: llama.cpp warns and uses its default, cl3 skips it (such
+    # ids occur in working files, e.g. a padding id equal to the vocabulary size)
     return n_tokens
 
 
