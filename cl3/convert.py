@@ -181,8 +181,22 @@ def hparams(config: dict) -> dict:
         raise InputError(f"config.json lacks {ex.args[0]!r}") from None
     except (TypeError, ValueError) as ex:
         raise InputError(f"config.json has a malformed value: {ex}") from None
-    hp["kv_heads"] = int(config.get("num_key_value_heads") or hp["heads"])
-    hp["head_dim"] = int(config.get("head_dim") or hp["hidden"] // hp["heads"])
+    for key, name in (("vocab_size", "vocab_size"), ("hidden", "hidden_size"), ("ffn", "intermediate_size"),
+                      ("layers", "num_hidden_layers"), ("heads", "num_attention_heads")):
+        if hp[key] <= 0:
+            raise InputError(f"config.json: {name} is {hp[key]}; it must be positive")
+    try:
+        hp["kv_heads"] = int(config.get("num_key_value_heads") or hp["heads"])
+        hp["head_dim"] = int(config.get("head_dim") or hp["hidden"] // hp["heads"])
+    except (TypeError, ValueError) as ex:
+        raise InputError(f"config.json has a malformed value: {ex}") from None
+    if hp["kv_heads"] <= 0 or hp["head_dim"] <= 0:
+        what = "num_key_value_heads" if hp["kv_heads"] <= 0 else "head_dim"
+        raise InputError(f"config.json: {what} is {hp['kv_heads'] if what == 'num_key_value_heads' else hp['head_dim']}; "
+                         "it must be positive")
+    if not config.get("head_dim") and hp["hidden"] % hp["heads"]:
+        raise InputError(f"config.json: hidden_size {hp['hidden']} is not a multiple of num_attention_heads "
+                         f"{hp['heads']}")
     if hp["heads"] % hp["kv_heads"]:
         raise InputError(f"config.json: {hp['heads']} attention heads are not a multiple of {hp['kv_heads']} kv heads")
     return hp

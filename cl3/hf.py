@@ -78,7 +78,10 @@ class Checkpoint:
 
 def architecture_of(config: dict) -> str:
     archs = config.get("architectures") or []
-    return archs[0] if archs else config.get("model_type", "?")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise InputError(f"config.json: architectures must be a list of names such as [\"LlamaForCausalLM\"], "
+                         f"not {json.dumps(archs)[:80]}")
+    return archs[0] if archs else str(config.get("model_type", "?"))
 
 
 def check_architecture(config: dict) -> str:

@@ -95,6 +95,12 @@ def _hf_download(repo_id, revision, patterns, out, endpoint, cache_dir, progress
                          "private: log in with `hf auth login` or set HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise InputError(f"{repo_id} has no revision {revision!r} on {where}") from None
+    except ValueError as ex:  # huggingface_hub refuses a listed name with `..` or an absolute path
+        if "Invalid filename" not in str(ex) and "Invalid pointer path" not in str(ex):
+            raise
+        name = re.search(r"'([^']*)'", str(ex))
+        raise InputError(f"{repo_id} on {where} lists a file whose name leaves the download folder"
+                         f"{f' ({name[1]})' if name else ''}; nothing outside it was written") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as ex:
         reason = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
         raise InputError(f"cannot download {repo_id} from {where}: {reason} (behind a firewall? set "
@@ -138,7 +144,7 @@ def _modelscope_download(repo_id, revision, patterns, out, endpoint, cache_dir, 
     quoted = urllib.parse.quote(repo_id)
     listing = _ms_json(f"{base}/api/v1/models/{quoted}/repo/files?"
                        + urllib.parse.urlencode({"Revision": revision, "Recursive": "true"}), repo_id, base)
-    files = [f for f in (listing.get("Data") or {}).get("Files") or [] if f.get("Type", "blob") != "tree"]
+    files = [f for f in _ms_listed_files(listing, repo_id, base) if f.get("Type", "blob") != "tree"]
     wanted = [f for f in files if any(fnmatch.fnmatch(f["Path"], p) for p in patterns)]
     if out is None:
         root = Path(cache_dir) if cache_dir else paths.cache_dir()
@@ -168,6 +174,17 @@ def _inside(out: Path, listed: str, repo_id: str, base: str) -> Path:
         raise InputError(f"{repo_id} on {base} lists a file path that leaves the output folder: {listed!r}; "
                          "nothing was downloaded")
     return target
+
+
+def _ms_listed_files(listing: dict, repo_id: str, base: str) -> list[dict]:
+    """The file entries of a ModelScope listing, each with a string Path and a numeric Size, or one InputError."""
+    data = listing.get("Data") or {}
+    files = data.get("Files") or [] if isinstance(data, dict) else None
+    if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("Path"), str) and isinstance(f.get("Size", 0), (int, type(None)))
+            and isinstance(f.get("Sha256"), (str, type(None))) for f in files):
+        raise InputError(f"ModelScope at {base} sent a malformed file listing for {repo_id}")
+    return files
 
 
 def _ms_headers() -> dict[str, str]:

@@ -23,7 +23,7 @@ import gguf
 import ml_dtypes
 import numpy as np
 
-from .convert import permute_qk_rows
+from .convert import expected_shapes, hparams, permute_qk_rows
 from .errors import InputError, OutputError, UnsupportedModelError, UsageError
 from .files import atomic_output, check_new_output, is_directory_target, output_directory
 from .hf import TensorRef, check_architecture, index_safetensors, open_checkpoint, read_json
@@ -96,6 +96,7 @@ def open_adapter(src: str | os.PathLike, *, allow_pickle: bool = False) -> LoraA
     if str(config.get("bias", "none")) != "none":
         raise UnsupportedModelError(f"{path.name}: adapters with trained biases (bias={config['bias']!r}) are not "
                                     "supported (Llama layers have no bias)")
+    _check_numbers(config)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
@@ -128,11 +129,48 @@ def open_adapter(src: str | os.PathLike, *, allow_pickle: bool = False) -> LoraA
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
             raise InputError(f"{weights.name}: {module} has LoRA matrices of incompatible shapes "
                              f"{list(a.shape)} and {list(b.shape)}")
+        rank = _pattern_value(module, config.get("rank_pattern"), config.get("r"))
+        if rank is not None and rank != a.shape[0]:
+            raise InputError(f"adapter_config.json gives {module} rank {rank}, but its LoRA matrices have rank "
+                             f"{a.shape[0]} (inconsistent adapter)")
         _check_targeted(module, config)
         adapter.pairs[module + ".weight"] = LoraPair(module, a, b, _scale(module, a.shape[0], config), embedding)
     if not adapter.pairs and not adapter.replacements:
         raise InputError(f"{weights.name} holds no LoRA weights")
     return adapter
+
+
+def _check_numbers(config: dict) -> None:
+    """lora_alpha, r and their per-module patterns are numbers (the scale is computed from them)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+    for key in ("lora_alpha", "r"):
+        if config.get(key) is not None and not number(config[key]):
+            raise InputError(f"adapter_config.json: {key} must be a positive number, not {json.dumps(config[key])}")
+    for key, integer in (("alpha_pattern", False), ("rank_pattern", True)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(
+                number(v) and (not integer or isinstance(v, int)) for v in patterns.values()):
+            raise InputError(f"adapter_config.json: {key} must map module names to positive numbers, "
+                             f"not {json.dumps(patterns)[:80]}")
+    if isinstance(config.get("r"), float):
+        raise InputError(f"adapter_config.json: r must be an integer, not {config['r']}")
+
+
+def check_adapter_fits(lora: LoraAdapter, base_shape: Callable[[LoraPair], tuple[int, ...] | None],
+                       arch: str) -> None:
+    """Every LoRA pair updates a weight the base has, with that weight's shape: the one check `cl3 merge` and
+    `cl3 convert --lora` share. ``base_shape(pair)``: the base weight's (out, in) shape, None when it has none."""
+    for pair in lora.pairs.values():
+        shape = base_shape(pair)
+        if shape is None:
+            raise InputError(f"the adapter adapts {pair.module}, which the base model ({arch}) does not have "
+                             "(adapter for another architecture?)")
+        delta_shape = (pair.a.shape[1], pair.b.shape[0]) if pair.embedding else (pair.b.shape[0], pair.a.shape[1])
+        if tuple(shape) != delta_shape:
+            raise InputError(f"the adapter's {pair.module} makes a {list(delta_shape)} update but the base weight is "
+                             f"{list(shape)} (adapter for another model size?)")
 
 
 def _pattern_value(module: str, patterns: dict, default):
@@ -257,15 +295,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
 def _check_fit(ckpt, lora: LoraAdapter, config: dict) -> int:
     """Every adapted tensor exists in the base with matching shapes; returns the merged vocabulary size."""
     arch = check_architecture(ckpt.config)
-    for name, pair in lora.pairs.items():
-        ref = ckpt.tensors.get(name)
-        if ref is None:
-            raise InputError(f"the adapter adapts {pair.module}, which the base model ({arch}) does not have "
-                             "(adapter for another architecture?)")
-        delta_shape = (pair.a.shape[1], pair.b.shape[0]) if pair.embedding else (pair.b.shape[0], pair.a.shape[1])
-        if ref.shape != delta_shape:
-            raise InputError(f"the adapter's {pair.module} makes a {list(delta_shape)} update but the base weight is "
-                             f"{list(ref.shape)} (adapter for another model size?)")
+    check_adapter_fits(lora, lambda pair: ref.shape if (ref := ckpt.tensors.get(pair.base_name)) else None, arch)
     vocab = int(config["vocab_size"])
     hidden = int(config["hidden_size"])
     new_vocab = {}
@@ -364,8 +394,10 @@ def export_lora_gguf(adapter: str | os.PathLike, base: str | os.PathLike, out: s
         raise UnsupportedModelError(
             f"the adapter replaces {', '.join(sorted(lora.replacements))} entirely (modules_to_save); a llama.cpp LoRA "
             "adapter cannot carry that: merge it into the base with `cl3 merge` instead")
-    n_layers, heads, kv_heads = _base_shape(Path(base))
+    n_layers, heads, kv_heads, shapes = _base_shape(Path(base))
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    check_adapter_fits(lora, lambda pair: shapes.get(name_map.get_name(pair.base_name, try_suffixes=(".weight",))),
+                       "llama")
     alpha = lora.alpha
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -413,8 +445,9 @@ def _gguf_encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarr
     return data
 
 
-def _base_shape(base: Path) -> tuple[int, int, int]:
-    """(layers, heads, kv heads) of the base model, from an HF directory, a config.json or a GGUF."""
+def _base_shape(base: Path) -> tuple[int, int, int, dict[str, tuple[int, ...]]]:
+    """(layers, heads, kv heads, weight shapes by GGUF name in (out, in) order) of the base model, from an HF
+    directory, a config.json or a GGUF."""
     if base.is_file() and base.suffix == ".gguf":
         from .metadata import read_metadata
 
@@ -429,10 +462,8 @@ def _base_shape(base: Path) -> tuple[int, int, int]:
             return int(meta.hparams[key])
         heads = get("attention.head_count")
         kv = meta.hparams.get("attention.head_count_kv")
-        return get("block_count"), heads, int(kv) if kv is not None else heads
+        shapes = {t.name: tuple(reversed([d for d in t.ne[:2]])) for t in meta.tensors}
+        return get("block_count"), heads, int(kv) if kv is not None else heads, shapes
     config = read_json(base if base.suffix == ".json" else base / "config.json", "the base model's config.json")
-    try:
-        heads = int(config["num_attention_heads"])
-        return int(config["num_hidden_layers"]), heads, int(config.get("num_key_value_heads") or heads)
-    except (KeyError, TypeError, ValueError) as ex:
-        raise InputError(f"the base model's config.json lacks or mangles {ex}") from None
+    hp = hparams(config)
+    return hp["layers"], hp["heads"], hp["kv_heads"], expected_shapes(hp)

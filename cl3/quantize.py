@@ -110,6 +110,10 @@ class Source:
         if quantized and not allow_requantize:
             raise InputError(f"{path} is already quantized ({quantized[0]}); quantize from an F32, F16 or BF16 GGUF "
                              "(requantizing loses quality and must be asked for)", param="allow_requantize")
+        # llama_model_quantize does not check the hyper-parameters against the tensors: a source llama.cpp cannot
+        # load would give an output it cannot load either. Loading it without weights costs the vocabulary's time.
+        with llama.Model(path, n_gpu_layers=0, no_alloc=True):
+            pass
         size_label = meta.size_label or gguf.model_weight_count_rounded_notation(meta.n_params)
         base = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, size_label, None)
         return cls(path, {t.name: t.ne for t in meta.tensors}, base, meta.file_type)

@@ -125,7 +125,13 @@ class GgufFile:
             raise InputError(f"{self.path} is not a readable GGUF file "
                              f"({log_errors_since(mark, 1) or 'damaged or truncated header'})")
         self._lib = lib
-        self.tensors = [self._tensor(i) for i in range(lib.gguf_get_n_tensors(self._ctx))]
+        try:
+            self._keys = [self._name(lib.gguf_get_key(self._ctx, i), "key")
+                          for i in range(lib.gguf_get_n_kv(self._ctx))]
+            self.tensors = [self._tensor(i) for i in range(lib.gguf_get_n_tensors(self._ctx))]
+        except InputError:
+            self.close()
+            raise
         self.data_offset = int(lib.gguf_get_data_offset(self._ctx))
         end = max((t.offset + t.nbytes for t in self.tensors), default=0)
         size = self.path.stat().st_size
@@ -133,11 +139,23 @@ class GgufFile:
             self.close()
             raise InputError(f"{self.path} is truncated: its tensors need {self.data_offset + end} bytes, "
                              f"the file has {size}")
+        try:
+            check_header(self)
+        except InputError:
+            self.close()
+            raise
+
+    def _name(self, raw: bytes, what: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{self.path} is damaged: a {what} name is not valid UTF-8 "
+                             f"({raw[:60]!r})") from None
 
     def _tensor(self, i: int) -> TensorInfo:
         lib, ctx = self._lib, self._ctx
         ne = lib.gguf_get_tensor_ne(ctx, i)
-        return TensorInfo(lib.gguf_get_tensor_name(ctx, i).decode(), lib.gguf_get_tensor_type(ctx, i),
+        return TensorInfo(self._name(lib.gguf_get_tensor_name(ctx, i), "tensor"), lib.gguf_get_tensor_type(ctx, i),
                           tuple(int(ne[d]) for d in range(GGML_MAX_DIMS)), int(lib.gguf_get_tensor_offset(ctx, i)),
                           int(lib.gguf_get_tensor_size(ctx, i)))
 
@@ -157,7 +175,19 @@ class GgufFile:
 
     # keys
     def keys(self) -> list[str]:
-        return [self._lib.gguf_get_key(self._ctx, i).decode() for i in range(self._lib.gguf_get_n_kv(self._ctx))]
+        return list(self._keys)
+
+    def kv_type(self, key: str) -> int | None:
+        """The gguf_type of ``key`` (GGUF_ARRAY for arrays), or None when absent."""
+        kid = self._id(key)
+        return None if kid < 0 else int(self._lib.gguf_get_kv_type(self._ctx, kid))
+
+    def array_type(self, key: str) -> int | None:
+        """The element type of the array ``key``, or None when ``key`` is absent or not an array."""
+        kid = self._id(key)
+        if kid < 0 or self._lib.gguf_get_kv_type(self._ctx, kid) != GGUF_ARRAY:
+            return None
+        return int(self._lib.gguf_get_arr_type(self._ctx, kid))
 
     def _id(self, key: str) -> int:
         return self._lib.gguf_find_key(self._ctx, key.encode())
@@ -171,6 +201,8 @@ class GgufFile:
         if kid < 0:
             return default
         kind = self._lib.gguf_get_kv_type(self._ctx, kid)
+        if kind not in _SCALARS and kind not in (GGUF_STRING, GGUF_ARRAY):
+            return default
         if kind == GGUF_STRING:
             return self._lib.gguf_get_val_str(self._ctx, kid).decode("utf-8", errors="replace")
         if kind == GGUF_ARRAY:
@@ -209,6 +241,8 @@ class GgufFile:
     def array_str(self, key: str, index: int) -> str:
         """Element ``index`` of a string array (e.g. one token's text) without reading the others."""
         kid = self._id(key)
+        if kid < 0 or self.array_type(key) != GGUF_STRING or not 0 <= index < self.array_len(key):
+            raise InputError(f"{self.path}: {key} has no string at index {index}")
         return self._lib.gguf_get_arr_str(self._ctx, kid, index).decode("utf-8", errors="replace")
 
 
@@ -249,3 +283,6 @@ def quantized_file_size(src: str | os.PathLike, tensor_types: dict[str, int], ft
         return int(lib.gguf_get_meta_size(ctx)) + data
     finally:
         lib.gguf_free(ctx)
+
+
+from .gguf_check import check_header  # noqa: E402 - it reads GgufFile's safe accessors
