@@ -145,6 +145,7 @@ class ChatModel:
         self.bos_token_id = self.llm.token_bos()
         self.add_bos = self.metadata.get(gguf.Keys.Tokenizer.ADD_BOS, "true") != "false"
         self.template, self.template_source = self._chat_template(override)
+        self._check_template_budget(override)
         self._formatter = self._make_formatter()
         self.supports_system = self._accepts_system()
 
@@ -186,12 +187,22 @@ class ChatModel:
         except (jinja2.TemplateError, ValueError, TypeError):
             return False
 
+    def _check_template_budget(self, override) -> None:
+        """Once, at load: refuse a template that exceeds the render budget (template_budget) in one line."""
+        from .template_budget import check_chat_template
+
+        where = (f"the chat template {override.name}" if override is not None
+                 else f"tokenizer.chat_template of {self.path.name}" if self.template_source == "gguf"
+                 else f"the chat template {self.template_source}")
+        check_chat_template(self.template, bos_token=self._token_text(self.bos_token_id),
+                            eos_token=self._token_text(self.llm.token_eos()), where=where)
+
     def _make_formatter(self):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        from .template_budget import BudgetedChatFormatter  # llama-cpp-python's formatter, under a time/size budget
 
         try:
-            return Jinja2ChatFormatter(template=self.template, bos_token=self._token_text(self.bos_token_id),
-                                       eos_token=self._token_text(self.llm.token_eos()), add_generation_prompt=True)
+            return BudgetedChatFormatter(template=self.template, bos_token=self._token_text(self.bos_token_id),
+                                         eos_token=self._token_text(self.llm.token_eos()), add_generation_prompt=True)
         except jinja2.TemplateError as ex:
             raise UnsupportedModelError(f"the chat template of {self.path.name} is not valid Jinja: {ex}") from None
 

@@ -96,10 +96,10 @@ def render_chat_template(template: str, messages: list[dict], *, bos_token: str,
 
 @functools.lru_cache(maxsize=8)
 def _formatter(template: str, bos_token: str, eos_token: str, add_generation_prompt: bool):
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from .template_budget import BudgetedChatFormatter  # llama-cpp-python's formatter, under a time/size budget
 
-    return Jinja2ChatFormatter(template, eos_token=eos_token, bos_token=bos_token,
-                               add_generation_prompt=add_generation_prompt)
+    return BudgetedChatFormatter(template, eos_token=eos_token, bos_token=bos_token,
+                                 add_generation_prompt=add_generation_prompt)
 
 
 @dataclass(frozen=True)
@@ -608,6 +608,16 @@ def export_template(info: GgufInfo, chat_template: str | os.PathLike | None = No
                                 "name or a Jinja file) to derive the Ollama TEMPLATE from", param="chat_template")
 
 
+def check_template_budget(info: GgufInfo, template: str, chat_template: str | os.PathLike | None) -> None:
+    """Refuse, in one line naming where it came from, a template that exceeds the render budget (template_budget)."""
+    from .template_budget import check_chat_template
+
+    where = (f"the chat template {chat_template}" if chat_template is not None
+             else f"tokenizer.chat_template of {info.path.name}" if info.chat_template
+             else f"cl3's {info.family} chat template")
+    check_chat_template(template, bos_token=info.bos_token, eos_token=info.eos_token, where=where)
+
+
 def export_ollama(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, name: str | None = None,
                   system: str | None = None, generation_config: str | os.PathLike | None = None,
                   license_file: str | os.PathLike | None = None, num_ctx: int | None = None,
@@ -619,6 +629,7 @@ def export_ollama(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | Non
     chat_template: a known template name or a Jinja file to use instead of the GGUF's tokenizer.chat_template."""
     info = read_gguf_info(gguf_path)
     template, notes = export_template(info, chat_template)
+    check_template_budget(info, template, chat_template)
     layout = analyze_chat_template(template, bos_token=info.bos_token, eos_token=info.eos_token,
                                    add_bos=info.add_bos)
     if system is None:

@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP API for a GGUF, using llama-cpp-python's server (FastAPI + uvicorn).
 
-Chat requests are formatted with the GGUF's own Jinja chat template (llama-cpp-python's "chat_template.default"
-handler), never with a built-in format guessed from the template's text.
+Chat requests are formatted with the GGUF's own Jinja chat template (or --chat-template's), never with a built-in
+format guessed from the template's text, through cl3's budgeted formatter (template_budget): the template is checked
+once before the model loads, and a request whose rendering runs past the budget fails alone instead of blocking the
+server.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class ServeSettings:
     model: object  # llama_cpp.server.settings.ModelSettings
     display_host: str
     notes: list[str] = field(default_factory=list)
+    template: str | None = None  # the Jinja chat template requests are rendered with; None: llama-2 fallback
+    template_label: str = "llama-2 fallback"
 
 
 def is_loopback(host: str) -> bool:
@@ -36,13 +40,16 @@ def is_loopback(host: str) -> bool:
 
 def server_settings(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                     n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = -1,
-                    alias: str | None = None, verbose: bool = False) -> ServeSettings:
+                    alias: str | None = None, verbose: bool = False,
+                    chat_template: str | os.PathLike | None = None) -> ServeSettings:
     """Check the model and options; build llama-cpp-python's server and model settings."""
     try:
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as ex:
         raise UsageError(f"`cl3 serve` needs llama-cpp-python's server extra: pip install "
                          f"'llama-cpp-python[server]' ({ex})") from None
+    from .chat_templates import template_from_spec
+    from .export import check_template_budget, read_gguf_info
     from .llama import physical_cpu_count
     from .metadata import read_metadata
 
@@ -56,11 +63,16 @@ def server_settings(model: str | os.PathLike, *, host: str = "127.0.0.1", port: 
     notes = []
     if not is_loopback(host) and not api_key:
         notes.append(f"listening on {host} without an API key: anyone who can reach this machine can use the model")
-    if info.chat_template:
-        chat_format = "chat_template.default"
+    template, label = None, "llama-2 fallback"
+    if chat_template is not None:
+        template, label = template_from_spec(chat_template).text, f"--chat-template {chat_template}"
+    elif info.chat_template:
+        template, label = info.chat_template, "the GGUF's chat template"
     else:
-        chat_format = None
         notes.append(f"{path.name} has no chat template; chat requests use llama-cpp-python's llama-2 format")
+    chat_format = "chat_template.default" if template is not None else None
+    if template is not None:  # before the model loads: a server never starts on a template that would hang it
+        check_template_budget(read_gguf_info(path), template, chat_template)
     ctx = n_ctx or min(info.context_length or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
     threads = n_threads or physical_cpu_count()
     model_settings = ModelSettings(model=str(path), model_alias=alias or path.stem, n_ctx=ctx, n_threads=threads,
@@ -68,7 +80,7 @@ def server_settings(model: str | os.PathLike, *, host: str = "127.0.0.1", port: 
                                    verbose=verbose)
     server = ServerSettings(host=host, port=port, api_key=api_key or None)
     return ServeSettings(server=server, model=model_settings, display_host=f"[{host}]" if ":" in host else host,
-                         notes=notes)
+                         notes=notes, template=template, template_label=label)
 
 
 def create_app(settings: ServeSettings):
@@ -79,9 +91,27 @@ def create_app(settings: ServeSettings):
 
     prepare_for_llama()
     try:
-        return llama_create_app(server_settings=settings.server, model_settings=[settings.model])
+        app = llama_create_app(server_settings=settings.server, model_settings=[settings.model])
     except ValueError as ex:  # llama-cpp-python raises ValueError when llama.cpp cannot load the model
         raise InputError(f"llama.cpp cannot load {settings.model.model}: {ex}") from None
+    if settings.template is not None:
+        _install_chat_template(settings.template)
+    return app
+
+
+def _install_chat_template(template: str) -> None:
+    """Render chat requests with cl3's budgeted formatter: llama-cpp-python's own handler for the GGUF's template
+    (same variables, stops and stop token) has no time or size budget."""
+    from llama_cpp.server import app as server_app
+
+    from .llama import token_piece
+    from .template_budget import BudgetedChatFormatter
+
+    llama = server_app._llama_proxy()  # the model create_app has just loaded (the only one served)
+    text = lambda t: "" if t < 0 else token_piece(llama, t, special=True).decode("utf-8", errors="replace")
+    eos = llama.token_eos()
+    llama.chat_handler = BudgetedChatFormatter(template, eos_token=text(eos), bos_token=text(llama.token_bos()),
+                                               stop_token_ids=[eos]).to_chat_handler()
 
 
 def check_port_free(host: str, port: int) -> None:
