@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ class ServeSettings:
     display_host: str
     notes: list[str] = field(default_factory=list)
     template: str | None = None  # the Jinja chat template requests are rendered with; None: llama-2 fallback
+    cors: list[str] = field(default_factory=list)  # origins web pages may call from; none by default
     template_label: str = "llama-2 fallback"
 
 
@@ -41,7 +43,7 @@ def is_loopback(host: str) -> bool:
 def server_settings(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                     n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = -1,
                     alias: str | None = None, verbose: bool = False,
-                    chat_template: str | os.PathLike | None = None) -> ServeSettings:
+                    chat_template: str | os.PathLike | None = None, cors: list[str] | None = None) -> ServeSettings:
     """Check the model and options; build llama-cpp-python's server and model settings."""
     try:
         from llama_cpp.server.settings import ModelSettings, ServerSettings
@@ -59,8 +61,11 @@ def server_settings(model: str | os.PathLike, *, host: str = "127.0.0.1", port: 
         raise UsageError(f"port must be between 1 and 65535, not {port}")
     if n_ctx is not None and n_ctx <= 0:
         raise UsageError("the context size must be positive")
+    cors = [check_origin(o) for o in cors or []]
     check_port_free(host, port)
     notes = []
+    if "*" in cors:
+        notes.append("--cors '*': any web page the user visits can call this server")
     if not is_loopback(host) and not api_key:
         notes.append(f"listening on {host} without an API key: anyone who can reach this machine can use the model")
     template, label = None, "llama-2 fallback"
@@ -80,7 +85,7 @@ def server_settings(model: str | os.PathLike, *, host: str = "127.0.0.1", port: 
                                    verbose=verbose)
     server = ServerSettings(host=host, port=port, api_key=api_key or None)
     return ServeSettings(server=server, model=model_settings, display_host=f"[{host}]" if ":" in host else host,
-                         notes=notes, template=template, template_label=label)
+                         notes=notes, template=template, template_label=label, cors=cors)
 
 
 def create_app(settings: ServeSettings):
@@ -96,7 +101,30 @@ def create_app(settings: ServeSettings):
         raise InputError(f"llama.cpp cannot load {settings.model.model}: {ex}") from None
     if settings.template is not None:
         _install_chat_template(settings.template)
+    _restrict_cors(app, settings.cors)  # last: outermost, so refusals carry the allowed origins' headers too
     return app
+
+
+_ORIGIN = re.compile(r"^https?://[^/\s?#]+$")
+
+
+def check_origin(origin: str) -> str:
+    """An origin as browsers send it (scheme://host[:port], no path), or "*"."""
+    origin = origin.rstrip("/")
+    if origin != "*" and not _ORIGIN.match(origin):
+        raise UsageError(f"{origin!r} is not a web origin (like http://localhost:3000)", param="cors")
+    return origin
+
+
+def _restrict_cors(app, origins: list[str]) -> None:
+    """llama-cpp-python's app lets every origin call it with credentials, so any web page the user visits could
+    drive the model; replace that with the named origins only (none by default: no CORS headers at all)."""
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False, allow_methods=["*"],
+                           allow_headers=["*"])
 
 
 def _install_chat_template(template: str) -> None:

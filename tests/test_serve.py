@@ -3,6 +3,7 @@ gibberish), called over HTTP like any OpenAI client would."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -40,11 +41,11 @@ def call(base: str, path: str, body: dict | None = None, key: str | None = API_K
         return json.loads(resp.read())
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama3_gguf):
+@contextlib.contextmanager
+def running_server(model, *options: str):
+    """`cl3 serve MODEL OPTIONS` on a free loopback port, once it answers: (base URL, process)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cl3", "serve", str(tiny_llama3_gguf), "--port", str(port),
-                             "--api-key", API_KEY, "--ctx", "512", "--threads", "2", "--alias", "tiny"],
+    proc = subprocess.Popen([sys.executable, "-m", "cl3", "serve", str(model), "--port", str(port), *options],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | {"COLUMNS": "200"})
     base = f"http://127.0.0.1:{port}"
@@ -54,7 +55,9 @@ def server(tiny_llama3_gguf):
             if proc.poll() is not None:
                 pytest.fail(f"cl3 serve exited with {proc.returncode}: {proc.stdout.read()}")
             try:
-                call(base, "/v1/models")
+                urllib.request.urlopen(base + "/v1/models", timeout=10).close()
+                break
+            except urllib.error.HTTPError:  # 401 without the key: it answers
                 break
             except (urllib.error.URLError, ConnectionError):
                 if time.monotonic() > deadline:
@@ -68,6 +71,13 @@ def server(tiny_llama3_gguf):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama3_gguf):
+    with running_server(tiny_llama3_gguf, "--api-key", API_KEY, "--ctx", "512", "--threads", "2",
+                        "--alias", "tiny") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +199,45 @@ def test_port_in_use_is_one_line(tiny_llama3_gguf):
         proc = run_cl3("serve", tiny_llama3_gguf, "--port", busy.getsockname()[1], timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in proc.stderr
+
+
+def preflight(base: str, origin: str) -> dict[str, str]:
+    """The response headers of a browser's CORS preflight for a JSON POST from a page at ``origin``."""
+    req = urllib.request.Request(base + "/v1/chat/completions", method="OPTIONS", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as ex:
+        return {k.lower(): v for k, v in ex.headers.items()}
+
+
+def test_no_cross_origin_access_by_default(server):
+    base, _ = server
+    headers = preflight(base, "http://evil.example")
+    assert "access-control-allow-origin" not in headers and "access-control-allow-credentials" not in headers
+    req = urllib.request.Request(base + "/v1/models", headers={"Origin": "http://evil.example",
+                                                               "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert "access-control-allow-origin" not in {k.lower() for k in resp.headers}
+
+
+def test_cors_allows_the_named_origins_only(tiny_llama3_gguf):
+    with running_server(tiny_llama3_gguf, "--ctx", "256", "--threads", "2", "--cors", "http://localhost:3000",
+                        "--cors", "https://chat.example.org") as (base, _):
+        for origin in ("http://localhost:3000", "https://chat.example.org"):
+            headers = preflight(base, origin)
+            assert headers.get("access-control-allow-origin") == origin
+            assert "access-control-allow-credentials" not in headers
+        assert "access-control-allow-origin" not in preflight(base, "http://evil.example")
+        req = urllib.request.Request(base + "/v1/models", headers={"Origin": "http://localhost:3000"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
+def test_cors_origin_must_be_an_origin(tiny_llama3_gguf):
+    from tests.conftest import one_line_error, run_cl3
+
+    one_line_error(run_cl3("serve", tiny_llama3_gguf, "--port", free_port(), "--cors", "localhost:3000/x"),
+                   "is not a web origin")

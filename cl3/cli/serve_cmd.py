@@ -27,13 +27,16 @@ def serve(
     alias: str = typer.Option(None, "--alias", help="Model id shown by /v1/models (default: the file name)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's log and the server's request log."),
     chat_template: ChatTemplate = None,
+    cors: Annotated[Optional[list[str]], typer.Option(
+        "--cors", metavar="ORIGIN", help="Let web pages from ORIGIN (like http://localhost:3000) call the API from a "
+        "browser; repeat for more. Default: no cross-origin access.")] = None,
 ) -> None:
     """Serve /v1/chat/completions (with streaming), /v1/completions and /v1/models, with the GGUF's chat template."""
     from ..serve import run_server, server_settings
 
     settings = server_settings(model, host=host, port=port, api_key=api_key, n_ctx=ctx_size, n_threads=threads,
                                n_gpu_layers=n_gpu_layers, alias=alias, verbose=verbose,
-                               chat_template=chat_template)
+                               chat_template=chat_template, cors=cors)
     for note in settings.notes:
         err.print(f"note: {escape(note)}", highlight=False)
     err.print(f"serving {escape(settings.model.model_alias)} on http://{escape(settings.display_host)}:{port}/v1 "
