@@ -9,6 +9,7 @@ server.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -101,6 +102,7 @@ def create_app(settings: ServeSettings):
         raise InputError(f"llama.cpp cannot load {settings.model.model}: {ex}") from None
     if settings.template is not None:
         _install_chat_template(settings.template)
+    _only_the_served_model(app, settings.model.model_alias, settings.server.api_key)
     _restrict_cors(app, settings.cors)  # last: outermost, so refusals carry the allowed origins' headers too
     return app
 
@@ -125,6 +127,74 @@ def _restrict_cors(app, origins: list[str]) -> None:
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False, allow_methods=["*"],
                            allow_headers=["*"])
+
+
+# Requests whose JSON body names a model (llama-cpp-python's server answers any name with its one model).
+_MODEL_PATHS = frozenset(["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/extras/tokenize",
+                          "/extras/tokenize/count", "/extras/detokenize"])
+
+
+def _only_the_served_model(app, model_id: str, api_key: str | None) -> None:
+    app.add_middleware(_ServedModelOnly, model_id=model_id, api_key=api_key)
+
+
+class _ServedModelOnly:
+    """A request naming another model gets OpenAI's 404 ``model_not_found`` (as Ollama and the OpenAI API answer);
+    one naming none is given the served id, so responses report that id (as /v1/models does), not the file path."""
+
+    def __init__(self, app, model_id: str, api_key: str | None):
+        self.app, self.model_id, self.api_key = app, model_id, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in _MODEL_PATHS:
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            data = json.loads(body)
+        except ValueError:  # the app reports the malformed body
+            data = None
+        if isinstance(data, dict) and self._authorized(scope):
+            name = data.get("model")
+            if name not in (None, "") and name != self.model_id:
+                return await _not_found(send, name)
+            data["model"] = self.model_id
+            body = json.dumps(data).encode()
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                     + [(b"content-length", str(len(body)).encode())]}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    def _authorized(self, scope) -> bool:
+        """Without the API key the app answers 401; the model check never tells a stranger anything."""
+        if not self.api_key:
+            return True
+        scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and key.strip() == self.api_key
+
+
+async def _not_found(send, name) -> None:
+    error = {"error": {"message": f"The model {str(name)!r} does not exist; this server serves the model listed by "
+                                  f"/v1/models", "type": "invalid_request_error", "param": "model",
+                       "code": "model_not_found"}}
+    payload = json.dumps(error).encode()
+    await send({"type": "http.response.start", "status": 404,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _install_chat_template(template: str) -> None:

@@ -241,3 +241,37 @@ def test_cors_origin_must_be_an_origin(tiny_llama3_gguf):
 
     one_line_error(run_cl3("serve", tiny_llama3_gguf, "--port", free_port(), "--cors", "localhost:3000/x"),
                    "is not a web origin")
+
+
+def http_error(base: str, path: str, body: dict, key: str | None = API_KEY) -> tuple[int, dict]:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        call(base, path, body, key=key)
+    return info.value.code, json.loads(info.value.read())
+
+
+def test_a_request_for_another_model_is_refused(server):
+    """As the OpenAI API and Ollama answer: 404 with code model_not_found, for every endpoint naming a model."""
+    base, _ = server
+    for path, body in (("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}),
+                       ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+                       ("/extras/tokenize", {"input": "Hi"})):
+        code, error = http_error(base, path, {"model": "nonexistent-name", **body})
+        assert code == 404, path
+        assert error["error"]["code"] == "model_not_found" and "nonexistent-name" in error["error"]["message"]
+    # without the API key the answer stays 401: a stranger learns nothing about the models
+    code, _ = http_error(base, "/v1/chat/completions", {"model": "nonexistent-name", "messages": MESSAGES}, key=None)
+    assert code == 401
+
+
+def test_responses_name_the_served_model_id(server):
+    """With or without "model" in the request, responses report /v1/models' id, not the GGUF's path."""
+    base, _ = server
+    [model_id] = [m["id"] for m in call(base, "/v1/models")["data"]]
+    for body in ({"messages": MESSAGES, "max_tokens": 2}, {"model": model_id, "messages": MESSAGES, "max_tokens": 2}):
+        assert call(base, "/v1/chat/completions", body)["model"] == model_id
+    assert call(base, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})["model"] == model_id
+    resp = call(base, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "stream": True}, stream=True)
+    with resp:
+        chunks = [json.loads(line.decode().removeprefix("data:").strip()) for line in resp
+                  if line.startswith(b"data:") and b"[DONE]" not in line]
+    assert chunks and all(c["model"] == model_id for c in chunks)
