@@ -519,20 +519,50 @@ def _stops(layout: ChatLayout, info: GgufInfo) -> tuple[list[str], list[str]]:
     return stops, notes
 
 
+# Ollama's Modelfile parser (parser/parser.go) has no escapes: a comment ends at a line break; a value ends at the first
+# line break where the text so far, without the characters it drops (all but printable ones, space, tab and line
+# breaks) and outer white space, is a complete quoted string ("..." or """...""") or not quoted at all. So a value is
+# written only when it cannot end early; GGUF and user text never becomes a command.
+
+
+def _as_ollama_reads(text: str) -> str:
+    """``text`` without the characters Ollama's parser drops."""
+    return "".join(c for c in text if c.isprintable() or c in " \t\r\n")
+
+
+def _comment(text: str) -> str:
+    """Text for a `#` comment line: line breaks and other control characters become spaces."""
+    return re.sub(r"\s+", " ", "".join(c if c.isprintable() else " " for c in text)).strip()
+
+
 def _quoted_block(keyword: str, value: str) -> str:
-    if '"""' in value:
-        raise UnsupportedModelError(f'the {keyword} text contains """, which a Modelfile cannot quote')
+    if '"""' in _as_ollama_reads(value):
+        raise UnsupportedModelError(f'the {keyword} text contains """, which an Ollama Modelfile cannot hold (Ollama '
+                                    f"would read the rest as Modelfile commands)", param=_PARAM.get(keyword))
     return f'{keyword} """{value}"""'
 
 
-def _param_value(v: float | str) -> str:
+_PARAM = {"SYSTEM": "system"}
+
+
+def _param_value(name: str, v: float | str) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise UnsupportedModelError(f"the {name} parameter {v!r} is not a number or text")
     if isinstance(v, str):
-        if '"' in v or "\n" in v:
-            raise UnsupportedModelError(f"the stop sequence {v!r} cannot be written in a Modelfile")
+        if '"' in v or _as_ollama_reads(v) != v or "\n" in v or "\r" in v:
+            raise UnsupportedModelError(f"the {name} parameter {v!r} cannot be written in an Ollama Modelfile (a quote, "
+                                        "line break or control character)")
         return '"' + v + '"'
     if isinstance(v, float):
         return repr(round(v, 6))
     return str(v)
+
+
+def _from_value(path: str) -> str:
+    if _as_ollama_reads(path) != path or "\n" in path or "\r" in path:
+        raise UnsupportedModelError(f"the path {path!r} cannot be written in an Ollama Modelfile (a line break or "
+                                    "control character); rename the file")
+    return f'"{path}"' if path != path.strip() or path.startswith('"') else path
 
 
 def license_text(info: GgufInfo, license_file: str | os.PathLike | None = None) -> str | None:
@@ -549,19 +579,20 @@ def modelfile_text(*, from_path: str, layout: ChatLayout, info: GgufInfo, system
                    parameters: dict[str, float | int], num_ctx: int | None, license: str | None,
                    notes: list[str] | None = None) -> str:
     checked = "with and without a system prompt" if layout.supports_system else "without a system prompt"
-    lines = [f"# Ollama Modelfile for {info.name or info.path.stem}, written by cl3.",
-             f"# TEMPLATE: {layout.family}, translated from the GGUF's tokenizer.chat_template and checked against it",
+    lines = [f"# Ollama Modelfile for {_comment(info.name or info.path.stem)}, written by cl3.",
+             f"# TEMPLATE: {_comment(layout.family)}, translated from the GGUF's tokenizer.chat_template and checked "
+             "against it",
              f"# on 1-4 turn conversations {checked}."]
-    lines += [f"# Note: {n}." for n in (layout.notes if notes is None else notes)]
-    lines += [f"FROM {from_path}", "", _quoted_block("TEMPLATE", ollama_template(layout)), ""]
+    lines += [f"# Note: {_comment(n)}." for n in (layout.notes if notes is None else notes)]
+    lines += [f"FROM {_from_value(from_path)}", "", _quoted_block("TEMPLATE", ollama_template(layout)), ""]
     if system:
         lines += [_quoted_block("SYSTEM", system), ""]
     if num_ctx:
         lines.append(f"PARAMETER num_ctx {int(num_ctx)}")
     for stop in stop_sequences(layout, info):
-        lines.append(f"PARAMETER stop {_param_value(stop)}")
+        lines.append(f"PARAMETER stop {_param_value('stop', stop)}")
     for name, val in parameters.items():
-        lines.append(f"PARAMETER {name} {_param_value(val)}")
+        lines.append(f"PARAMETER {name} {_param_value(name, val)}")
     if license:
         lines += ["", _quoted_block("LICENSE", license)]
     return "\n".join(lines) + "\n"

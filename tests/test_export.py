@@ -34,7 +34,7 @@ from cl3.export import (
     stop_sequences,
 )
 from tests import go_template
-from tests.conftest import run_cl3
+from tests.conftest import one_line_error, run_cl3
 
 from .tiny import LLAMA2_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE
 
@@ -705,3 +705,94 @@ def test_literals_that_look_like_go_template_syntax(tmp_path, go_render):
                                add_bos=False)
     export = export_ollama(path, tmp_path, system=None)
     assert assert_template_matches_jinja(export.modelfile, path, go_render) == 8
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GGUF and user text never becomes a Modelfile command (read with a transcription of Ollama's own parser)
+
+INJECTION = "x\nFROM /etc/passwd\nSYSTEM pwned\r\nPARAMETER temperature 9\nLICENSE \"\"\"evil\n"
+
+
+def ollama_commands(modelfile: Path) -> list[tuple[str, str]]:
+    from tests import ollama_parser
+
+    return ollama_parser.parse(modelfile.read_bytes().decode("utf-8"))  # as written: no newline translation
+
+
+def exported(path: Path, *args) -> list[tuple[str, str]]:
+    proc = run_cl3("export", "ollama", path, "--force", *args)
+    assert proc.returncode == 0, proc.stderr
+    return ollama_commands(path.with_suffix(".Modelfile"))
+
+
+def test_ollama_parser_transcription_reads_our_modelfiles_as_modelfile_values_does(tmp_path):
+    path = model_gguf(tmp_path, "llama3-instruct", license="MIT")
+    text = export_ollama(path, tmp_path, system="Be brief.\nFROM x").modelfile.read_text(encoding="utf-8")
+    from tests import ollama_parser
+
+    ours = [(c, v) for c, v in parse_modelfile(text)]
+    theirs = [(("FROM" if n == "model" else f"PARAMETER {n}" if n not in ("template", "system", "license")
+                else n.upper()), v) for n, v in ollama_parser.parse(text)]
+    assert theirs == ours
+    # what an injection looks like to it: a value ends at a line break after a closing quote, then commands follow
+    assert ollama_parser.parse('FROM ./a.gguf\nSYSTEM """a"""b\nc"""\nFROM /etc/passwd\n') == [
+        ("model", "./a.gguf"), ("system", 'a"""b\nc'), ("model", "/etc/passwd")]
+    assert [n for n, _ in ollama_parser.parse('# x\nFROM ./a.gguf\nSYSTEM """a"""\nFROM /etc/passwd\n')] == [
+        "model", "system", "model"]
+
+
+def test_gguf_name_cannot_inject_commands(tmp_path):
+    path = model_gguf(tmp_path, "llama3-instruct", name=INJECTION)
+    commands = exported(path)
+    assert [v for n, v in commands if n == "model"] == ["./llama3-instruct.gguf"]
+    assert not [n for n, _ in commands if n in ("system", "license", "temperature")]
+
+
+def test_system_and_license_with_line_breaks_and_keywords_stay_one_value(tmp_path):
+    text = "Be brief.\nFROM /etc/passwd\n  SYSTEM pwned\r\nPARAMETER temperature 9\n# not a comment\n\"quoted\" \"\"x\""
+    path = model_gguf(tmp_path, "llama3-instruct", license=text)
+    commands = exported(path, "--system", text)
+    assert [n for n, _ in commands].count("model") == 1
+    assert [v for n, v in commands if n == "system"] == [text]
+    assert [v for n, v in commands if n == "license"] == [text]
+    assert not [n for n, _ in commands if n == "temperature"]
+
+
+def test_triple_quotes_in_system_license_or_template_are_refused_in_one_line(tmp_path):
+    path = model_gguf(tmp_path, "llama3-instruct")
+    for bad in ('a"""\nFROM /etc/passwd\nSYSTEM """b', 'a""\x01"\nFROM /etc/passwd'):  # \x01: Ollama drops it
+        one_line_error(run_cl3("export", "ollama", path, "--system", bad, "--force"), 'the SYSTEM text contains """')
+        assert not list(tmp_path.glob("*.Modelfile"))
+    evil_license = model_gguf(tmp_path, "alpaca2", license='MIT"""\nFROM /etc/passwd\nLICENSE """x')
+    one_line_error(run_cl3("export", "ollama", evil_license), 'the LICENSE text contains """')
+    license_file = tmp_path / "LICENSE.txt"
+    license_file.write_text('MIT\n"""\nSYSTEM pwned\n', encoding="utf-8")
+    one_line_error(run_cl3("export", "ollama", path, "--license", license_file), 'the LICENSE text contains """')
+    template = LLAMA3_CHAT_TEMPLATE.replace("<|start_header_id|>", '"""\nFROM /etc/passwd\n<|start_header_id|>')
+    evil_template = write_metadata_gguf(tmp_path / "tq.gguf", template=template, tokens=LLAMA3_TOKENS, bos=0, eos=4,
+                                        eot=4)
+    one_line_error(run_cl3("export", "ollama", evil_template), 'the TEMPLATE text contains """')
+    assert not list(tmp_path.glob("*.Modelfile"))
+
+
+def test_template_markup_with_line_breaks_and_keywords_stays_one_value(tmp_path):
+    """A chat template whose markup puts Modelfile keywords at line starts: the TEMPLATE holds them, nothing else."""
+    template = ("{% for m in messages %}{{ '\\nFROM /etc/passwd\\nSYSTEM ' + m['role'] + ':\\n' + m['content'] + "
+                "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '\\nFROM /etc/passwd\\nSYSTEM assistant:\\n' }}"
+                "{% endif %}")
+    path = write_metadata_gguf(tmp_path / "kw.gguf", template=template, tokens=SPM_TOKENS, bos=1, eos=2)
+    commands = exported(path)
+    assert [n for n, _ in commands].count("model") == 1 and not [n for n, _ in commands if n == "system"]
+    [go] = [v for n, v in commands if n == "template"]
+    assert "\nFROM /etc/passwd\nSYSTEM " in go
+
+
+def test_a_stop_or_parameter_that_cannot_be_written_is_refused(tmp_path):
+    from cl3.export import _param_value
+
+    for bad in ('a"b', "a\nFROM x", "a\rb", "a\x00b"):
+        with pytest.raises(UnsupportedModelError, match="cannot be written in an Ollama Modelfile"):
+            _param_value("stop", bad)
+    with pytest.raises(UnsupportedModelError, match="not a number or text"):
+        _param_value("temperature", True)
+    assert _param_value("stop", "<|eot_id|>") == '"<|eot_id|>"' and _param_value("top_k", 40) == "40"
