@@ -120,6 +120,9 @@ class ChatLayout:
     bos_in_template: bool  # the Jinja output starts with BOS (Ollama's tokenizer adds it instead)
     notes: tuple[str, ...] = ()
     supports_system: bool = True  # False: translated for conversations without a system message only
+    # Mistral-v0.3 / Mixtral-8x22B templates put the system text at the start of the LAST user message, followed by
+    # this separator, instead of in a block of its own (system_pre/system_post unused then).
+    system_in_last_user: str | None = None
 
     def render(self, messages: list[dict]) -> str:
         """The prompt this layout gives (without the leading BOS); the Python twin of ollama_template()."""
@@ -128,14 +131,18 @@ class ChatLayout:
         if self.default_system is not None and not any(m["role"] == "system" for m in messages):
             out += [self.system_pre, self.default_system, self.system_post]
             prev = "system"
-        for m in messages:
+        in_last_user = self.system_in_last_user is not None
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # Ollama's .System
+        for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
-            if role == "system" and not self.supports_system:
+            if role == "system" and (not self.supports_system or in_last_user):
                 continue
             if role == "system":
                 out += [self.system_pre, content, self.system_post]
             elif role == "user":
                 pre = {"system": self.user_pre_after_system, "assistant": self.user_pre_later}.get(prev, self.user_pre_first)
+                if in_last_user and system and i == len(messages) - 1:
+                    content = system + self.system_in_last_user + content
                 out += [pre, content, self.user_post]
             elif role == "assistant":
                 out += [self.assistant_pre, content, self.assistant_post]
@@ -240,9 +247,36 @@ def analyze_chat_template(template: str, *, bos_token: str, eos_token: str, add_
             layout = _analyze(template, bos_token, eos_token, add_bos, with_system=False)
         except UnsupportedModelError:
             raise ex from None
+        inside = _system_in_last_user(template, layout, bos_token, eos_token)
+        if inside is not None:
+            return inside
         reason = getattr(ex, "reason", "no per-message layout places them")
         note = f"system messages are not supported ({reason}); the TEMPLATE leaves them out"
         return replace(layout, notes=(note, *layout.notes))
+
+
+def _system_in_last_user(template: str, layout: ChatLayout, bos: str, eos: str) -> ChatLayout | None:
+    """``layout`` (for conversations without a system message) extended by a system text that opens the last user
+    message (Mistral v0.3, Mixtral-8x22B: "[INST] SYSTEM\\n\\nUSER[/INST]"), when the template does exactly that on
+    every check conversation; else None."""
+    if layout.default_system is not None:
+        return None
+    try:
+        head, separator, tail = _pieces(template, "su", bos, eos)
+    except UnsupportedModelError:
+        return None
+    strip = bos if layout.bos_in_template else ""
+    if head.removeprefix(strip) != layout.user_pre_first or tail != layout.user_post + layout.generation:
+        return None
+    candidate = replace(layout, system_in_last_user=separator, supports_system=True)
+    for msgs in check_conversations(with_system=True):
+        try:
+            expected = _render(template, msgs, bos, eos).removeprefix(strip)
+        except UnsupportedModelError:
+            return None
+        if candidate.render(msgs) != expected:
+            return None
+    return candidate
 
 
 def _analyze(template: str, bos_token: str, eos_token: str, add_bos: bool, *, with_system: bool) -> ChatLayout:
@@ -428,19 +462,25 @@ def ollama_template(layout: ChatLayout) -> str:
         if track_prev:
             t.action('$prev = "system"', newline=False)
         t.action("end", newline=False)
-    t.action("range .Messages")
-    if layout.supports_system:
+    in_last_user = layout.system_in_last_user is not None
+    t.action("range $i, $_ := .Messages" if in_last_user else "range .Messages")
+    if layout.supports_system and not in_last_user:
         t.action('if eq .Role "system"')
         t.text(layout.system_pre)
         t.action(".Content", newline=False)
         t.text(layout.system_post)
         t.action('else if eq .Role "user"')
-    else:  # system messages are left out
+    else:  # system messages are left out (or go into the last user message)
         t.action('if eq .Role "user"')
     if track_prev:
         _user_pre_branches(t, layout)
     else:
         t.text(layout.user_pre_first)
+    if in_last_user:  # .System (all system messages) opens the last message when that is a user message
+        t.action("if and $.System (eq (len (slice $.Messages $i)) 1)", newline=False)
+        t.action("$.System", newline=False)
+        t.text(layout.system_in_last_user)
+        t.action("end", newline=False)
     t.action(".Content", newline=False)
     t.text(layout.user_post)
     t.action('else if eq .Role "assistant"')
@@ -448,7 +488,7 @@ def ollama_template(layout: ChatLayout) -> str:
     t.action(".Content", newline=False)
     t.text(layout.assistant_post)
     t.action("end")
-    if track_prev and layout.supports_system:
+    if track_prev and layout.supports_system and not in_last_user:
         t.action("$prev = .Role")
     elif track_prev:
         t.action('if ne .Role "system"')

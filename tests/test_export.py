@@ -420,10 +420,56 @@ DROPS_SYSTEM = ("{% for m in messages %}{% if m.role != 'system' %}<|{{ m.role }
 GEMMA_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "a", "b"]
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma", "drops"])
+# Mixtral-8x22B-Instruct-v0.1's hub template (as Mistral-7B-Instruct-v0.3's; its tool-calling branches left out):
+# the system message opens the LAST user message.
+MIXTRAL_8X22B = """{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message["role"] == "user") != (loop.index0 % 2 == 0) %}
+        {{- raise_exception("After the optional system message, conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif %}
+    {%- if message["role"] == "user" %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST] " + system_message + "\n\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message["role"] == "assistant" %}
+        {{- " " + message["content"] + eos_token}}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+
+@pytest.mark.parametrize("template", [MIXTRAL_8X22B, MISTRAL_LAST_TURN_SYSTEM], ids=["mixtral-8x22b", "mistral"])
+@pytest.mark.parametrize("system", [None, "Be brief.\n用中文回答。"], ids=["no-SYSTEM", "with-SYSTEM"])
+def test_system_in_the_last_user_turn_is_translated(template, system, tmp_path, go_render):
+    """The TEMPLATE finds the last message (Go's len/slice) and opens it with .System, as the Jinja template does:
+    every conversation, with and without a system message, renders the same."""
+    path = write_metadata_gguf(tmp_path / "mixtral.gguf", template=template, tokens=SPM_TOKENS, bos=1, eos=2)
+    export = export_ollama(path, tmp_path, system=system)
+    assert export.layout.supports_system and export.layout.system_in_last_user == "\n\n"
+    assert not any("system messages are not supported" in n for n in export.notes)
+    assert assert_template_matches_jinja(export.modelfile, path, go_render) == 8
+    # a conversation that ends with an assistant message: no system text anywhere, in either
+    [go] = modelfile_values(export.modelfile, "TEMPLATE")
+    conv = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}]
+    jinja = render_chat_template(template, conv, bos_token="<s>", eos_token="</s>", add_generation_prompt=False)
+    assert "<s>" + go_render(go, [conv])[0] == jinja and SYSTEM not in jinja
+
+
+@pytest.mark.parametrize("kind", ["gemma", "drops"])
 def test_templates_without_system_support_translate_for_conversations_without_one(kind, tmp_path, go_render):
-    template, tokens, bos, eos = {"mistral": (MISTRAL_LAST_TURN_SYSTEM, SPM_TOKENS, 1, 2),
-                                  "gemma": (GEMMA_LIKE, GEMMA_TOKENS, 2, 1),
+    template, tokens, bos, eos = {"gemma": (GEMMA_LIKE, GEMMA_TOKENS, 2, 1),
                                   "drops": (DROPS_SYSTEM, SPM_TOKENS, 1, 2)}[kind]
     path = write_metadata_gguf(tmp_path / f"{kind}.gguf", template=template, tokens=tokens, bos=bos, eos=eos,
                                name="Chinese-Alpaca-2-7B")  # an authors' name: still no SYSTEM, the template has none
@@ -650,11 +696,15 @@ def test_real_world_templates(reference_go_render):
     assert translated["meta-llama-Llama-3.3-70B-Instruct"].family == "llama3-instruct"
     assert translated["Qwen-Qwen2.5-7B-Instruct"].family == "chatml"
     system_less = sorted(k for k, v in translated.items() if not v.supports_system)
-    assert {"google-gemma-2-2b-it", "mistralai-Mistral-Nemo-Instruct-2407"} <= set(system_less)
+    assert "google-gemma-2-2b-it" in system_less
+    # the system message inside the last user turn: translated with it, checked above on every conversation
+    in_last_user = sorted(k for k, v in translated.items() if v.system_in_last_user is not None)
+    assert "mistralai-Mistral-Nemo-Instruct-2407" in in_last_user
     # what is still refused needs tool definitions the probes do not pass
     assert all("tool" in k or "func" in k for k in refused), refused
     print(f"\n{len(templates)} templates: {len(translated) - len(system_less)} translated, {len(system_less)} only "
-          f"without a system message ({', '.join(system_less)}), {len(refused)} refused ({', '.join(refused)})")
+          f"without a system message ({', '.join(system_less)}), {len(refused)} refused ({', '.join(refused)}); "
+          f"system text in the last user turn: {', '.join(in_last_user)}")
 
 
 # Hub templates whose stops used to be plain words (the first word of the text before the first user turn, the first
