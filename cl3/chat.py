@@ -193,7 +193,7 @@ class ChatModel:
 
         where = (f"the chat template {override.name}" if override is not None
                  else f"tokenizer.chat_template of {self.path.name}" if self.template_source == "gguf"
-                 else f"the chat template {self.template_source}")
+                 else f"cl3's chat template ({self.template_source})")
         check_chat_template(self.template, bos_token=self._token_text(self.bos_token_id),
                             eos_token=self._token_text(self.llm.token_eos()), where=where)
 

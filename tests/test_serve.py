@@ -275,3 +275,19 @@ def test_responses_name_the_served_model_id(server):
         chunks = [json.loads(line.decode().removeprefix("data:").strip()) for line in resp
                   if line.startswith(b"data:") and b"[DONE]" not in line]
     assert chunks and all(c["model"] == model_id for c in chunks)
+
+
+def test_chat_template_option_formats_chat_requests(tiny_llama3_gguf, tmp_path):
+    """--chat-template FILE replaces the GGUF's template for chat requests (the prompt's token count says which)."""
+    from llama_cpp import Llama
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:", encoding="utf-8")
+    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in MESSAGES) + "assistant:"
+    vocab = Llama(str(tiny_llama3_gguf), vocab_only=True, verbose=False)
+    # as with the GGUF's own template, the rendered text is the whole prompt (a template writes BOS itself)
+    expected = len(vocab.tokenize(prompt.encode(), add_bos=False, special=True))
+    with running_server(tiny_llama3_gguf, "--ctx", "256", "--threads", "2", "--chat-template", str(template)) as (
+            base, proc):
+        reply = call(base, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}, key=None)
+        assert reply["usage"]["prompt_tokens"] == expected
