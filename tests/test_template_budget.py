@@ -168,3 +168,20 @@ def test_serve_survives_a_request_that_exceeds_the_budget(tiny_llama3_gguf, tmp_
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_convert_writes_the_gguf_and_names_the_template_problem(tiny_llama3_dir, tmp_path):
+    """convert only copies the template: it writes the GGUF, and its closing check says the template is refused."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama3_dir, src)
+    config_path = src / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["chat_template"] = NESTED_LOOPS + config["chat_template"]
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    out = tmp_path / "hostile.gguf"
+    proc = run_cl3("convert", src, "-o", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and "Traceback" not in proc.stderr
+    assert "check: error: tokenizer.chat_template of hostile.gguf exceeds cl3's budget" in proc.stderr
