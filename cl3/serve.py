@@ -93,11 +93,12 @@ def create_app(settings: ServeSettings):
     """The FastAPI app (loads the model)."""
     from llama_cpp.server.app import create_app as llama_create_app
 
-    from .llama import prepare_for_llama
+    from .llama import budgeted_chat_templates, prepare_for_llama
 
     prepare_for_llama()
     try:
-        app = llama_create_app(server_settings=settings.server, model_settings=[settings.model])
+        with budgeted_chat_templates():  # the server's Llama compiles (and keeps) the GGUF's templates as it loads
+            app = llama_create_app(server_settings=settings.server, model_settings=[settings.model])
     except ValueError as ex:  # llama-cpp-python raises ValueError when llama.cpp cannot load the model
         raise InputError(f"llama.cpp cannot load {settings.model.model}: {ex}") from None
     if settings.template is not None:

@@ -22,7 +22,7 @@ from cl3.template_budget import BudgetedChatFormatter, TemplateBudgetError, chec
 from tests.conftest import one_line_error, run_cl3
 from tests.test_chat_templates import with_metadata
 from tests.test_export import LLAMA3_TOKENS, write_metadata_gguf
-from tests.test_serve import free_port
+from tests.test_serve import free_port, running_server
 
 from .tiny import LLAMA2_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE
 
@@ -185,3 +185,23 @@ def test_convert_writes_the_gguf_and_names_the_template_problem(tiny_llama3_dir,
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and "Traceback" not in proc.stderr
     assert "check: error: tokenizer.chat_template of hostile.gguf exceeds cl3's budget" in proc.stderr
+
+
+# Constant expressions: Jinja evaluates them when it compiles a template, which llama-cpp-python's Llama does for
+# every template of the GGUF as it loads (even when another template is named).
+CONSTANT_HOG = "{{ 'x' | center(10**10) }}{{ 'A' * 10**9 }}"
+
+
+def test_chat_refuses_a_constant_hog_quickly_and_another_template_is_the_way_out(tiny_llama3_gguf, tmp_path):
+    path = hostile_model(tiny_llama3_gguf, tmp_path, "constant", CONSTANT_HOG)
+    refused(run_cl3("chat", path, "-p", "hi", "-n", "4", "-c", "256", timeout=60))
+    proc = run_cl3("chat", path, "-p", "hi", "-n", "4", "-c", "256", "--chat-template", "llama-3-instruct", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_serve_with_another_template_runs_beside_a_hostile_one(tiny_llama3_gguf, tmp_path):
+    path = hostile_model(tiny_llama3_gguf, tmp_path, "constant", CONSTANT_HOG)
+    refused(run_cl3("serve", path, "--port", free_port(), timeout=60))
+    with running_server(path, "-c", "256", "--threads", "2", "--chat-template", "llama-3-instruct") as (base, _):
+        reply = post(base, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
+        assert reply["choices"][0]["message"]["role"] == "assistant"
