@@ -124,18 +124,27 @@ class ChatModel:
                  seed: int = -1, chat_template: str | os.PathLike | None = None):
         from llama_cpp import Llama
 
-        from .llama import check_gguf_path, eog_token_ids, log_errors_since, mark_log, prepare_for_llama
+        from .llama import (
+            budgeted_chat_templates,
+            check_gguf_path,
+            eog_token_ids,
+            log_errors_since,
+            mark_log,
+            prepare_for_llama,
+        )
 
         self.path = Path(path)
         check_gguf_path(self.path)
         override = template_from_spec(chat_template) if chat_template is not None else None
         if n_ctx < 0:
             raise InputError(f"context size must be >= 0 (0 = the model's training context), not {n_ctx}")
+        self._check_template_budget(override)  # before the (long) load
         prepare_for_llama()
         mark = mark_log()
         try:
-            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                             seed=_llama_seed(seed), n_batch=512, verbose=False)
+            with budgeted_chat_templates():  # Llama compiles the GGUF's own templates too, even with an override
+                self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                                 n_threads=n_threads, seed=_llama_seed(seed), n_batch=512, verbose=False)
         except (ValueError, RuntimeError) as ex:
             raise InputError(f"llama.cpp cannot load {self.path}: {log_errors_since(mark) or ex}") from None
         self.metadata: dict[str, str] = dict(self.llm.metadata)
@@ -186,12 +195,25 @@ class ChatModel:
         except (jinja2.TemplateError, ValueError, TypeError):
             return False
 
+    def _check_template_budget(self, override) -> None:
+        """Once, before the model loads: refuse the template chat will use (the override, else the GGUF's own) when
+        it exceeds the render budget (template_budget), in one line. cl3's own family templates need no check."""
+        from .export import read_gguf_info
+        from .template_budget import check_chat_template
+
+        info = read_gguf_info(self.path)
+        template = override.text if override is not None else info.chat_template
+        if template:
+            where = (f"the chat template {override.name}" if override is not None
+                     else f"tokenizer.chat_template of {self.path.name}")
+            check_chat_template(template, bos_token=info.bos_token, eos_token=info.eos_token, where=where)
+
     def _make_formatter(self):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        from .template_budget import BudgetedChatFormatter  # llama-cpp-python's formatter, under a time/size budget
 
         try:
-            return Jinja2ChatFormatter(template=self.template, bos_token=self._token_text(self.bos_token_id),
-                                       eos_token=self._token_text(self.llm.token_eos()), add_generation_prompt=True)
+            return BudgetedChatFormatter(template=self.template, bos_token=self._token_text(self.bos_token_id),
+                                         eos_token=self._token_text(self.llm.token_eos()), add_generation_prompt=True)
         except jinja2.TemplateError as ex:
             raise UnsupportedModelError(f"the chat template of {self.path.name} is not valid Jinja: {ex}") from None
 

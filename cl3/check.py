@@ -71,7 +71,7 @@ def has_errors(findings: list[Finding]) -> bool:
 
 
 def _template_checks(info, vocab, chat_template) -> list[Finding]:
-    from .export import _render, analyze_chat_template, stop_sequences
+    from .export import _render, analyze_chat_template, check_template_budget, stop_sequences
 
     found = []
     if chat_template is not None:
@@ -85,6 +85,7 @@ def _template_checks(info, vocab, chat_template) -> list[Finding]:
                                         "template, other runtimes have none", "cl3 convert SRC (embeds it)"))
     else:
         return [Finding("warning", "no chat template: chat front-ends cannot format a conversation", FIX_TEMPLATE)]
+    check_template_budget(info, template, chat_template)  # a template over the render budget: one error line
     found.append(Finding("ok", f"chat template from {where}"))
 
     bos, eos = info.bos_token, info.eos_token

@@ -96,10 +96,10 @@ def render_chat_template(template: str, messages: list[dict], *, bos_token: str,
 
 @functools.lru_cache(maxsize=8)
 def _formatter(template: str, bos_token: str, eos_token: str, add_generation_prompt: bool):
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from .template_budget import BudgetedChatFormatter  # llama-cpp-python's formatter, under a time/size budget
 
-    return Jinja2ChatFormatter(template, eos_token=eos_token, bos_token=bos_token,
-                               add_generation_prompt=add_generation_prompt)
+    return BudgetedChatFormatter(template, eos_token=eos_token, bos_token=bos_token,
+                                 add_generation_prompt=add_generation_prompt)
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,9 @@ class ChatLayout:
     bos_in_template: bool  # the Jinja output starts with BOS (Ollama's tokenizer adds it instead)
     notes: tuple[str, ...] = ()
     supports_system: bool = True  # False: translated for conversations without a system message only
+    # Mistral-v0.3 / Mixtral-8x22B templates put the system text at the start of the LAST user message, followed by
+    # this separator, instead of in a block of its own (system_pre/system_post unused then).
+    system_in_last_user: str | None = None
 
     def render(self, messages: list[dict]) -> str:
         """The prompt this layout gives (without the leading BOS); the Python twin of ollama_template()."""
@@ -128,14 +131,18 @@ class ChatLayout:
         if self.default_system is not None and not any(m["role"] == "system" for m in messages):
             out += [self.system_pre, self.default_system, self.system_post]
             prev = "system"
-        for m in messages:
+        in_last_user = self.system_in_last_user is not None
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # Ollama's .System
+        for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
-            if role == "system" and not self.supports_system:
+            if role == "system" and (not self.supports_system or in_last_user):
                 continue
             if role == "system":
                 out += [self.system_pre, content, self.system_post]
             elif role == "user":
                 pre = {"system": self.user_pre_after_system, "assistant": self.user_pre_later}.get(prev, self.user_pre_first)
+                if in_last_user and system and i == len(messages) - 1:
+                    content = system + self.system_in_last_user + content
                 out += [pre, content, self.user_post]
             elif role == "assistant":
                 out += [self.assistant_pre, content, self.assistant_post]
@@ -240,9 +247,36 @@ def analyze_chat_template(template: str, *, bos_token: str, eos_token: str, add_
             layout = _analyze(template, bos_token, eos_token, add_bos, with_system=False)
         except UnsupportedModelError:
             raise ex from None
+        inside = _system_in_last_user(template, layout, bos_token, eos_token)
+        if inside is not None:
+            return inside
         reason = getattr(ex, "reason", "no per-message layout places them")
         note = f"system messages are not supported ({reason}); the TEMPLATE leaves them out"
         return replace(layout, notes=(note, *layout.notes))
+
+
+def _system_in_last_user(template: str, layout: ChatLayout, bos: str, eos: str) -> ChatLayout | None:
+    """``layout`` (for conversations without a system message) extended by a system text that opens the last user
+    message (Mistral v0.3, Mixtral-8x22B: "[INST] SYSTEM\\n\\nUSER[/INST]"), when the template does exactly that on
+    every check conversation; else None."""
+    if layout.default_system is not None:
+        return None
+    try:
+        head, separator, tail = _pieces(template, "su", bos, eos)
+    except UnsupportedModelError:
+        return None
+    strip = bos if layout.bos_in_template else ""
+    if head.removeprefix(strip) != layout.user_pre_first or tail != layout.user_post + layout.generation:
+        return None
+    candidate = replace(layout, system_in_last_user=separator, supports_system=True)
+    for msgs in check_conversations(with_system=True):
+        try:
+            expected = _render(template, msgs, bos, eos).removeprefix(strip)
+        except UnsupportedModelError:
+            return None
+        if candidate.render(msgs) != expected:
+            return None
+    return candidate
 
 
 def _analyze(template: str, bos_token: str, eos_token: str, add_bos: bool, *, with_system: bool) -> ChatLayout:
@@ -428,19 +462,25 @@ def ollama_template(layout: ChatLayout) -> str:
         if track_prev:
             t.action('$prev = "system"', newline=False)
         t.action("end", newline=False)
-    t.action("range .Messages")
-    if layout.supports_system:
+    in_last_user = layout.system_in_last_user is not None
+    t.action("range $i, $_ := .Messages" if in_last_user else "range .Messages")
+    if layout.supports_system and not in_last_user:
         t.action('if eq .Role "system"')
         t.text(layout.system_pre)
         t.action(".Content", newline=False)
         t.text(layout.system_post)
         t.action('else if eq .Role "user"')
-    else:  # system messages are left out
+    else:  # system messages are left out (or go into the last user message)
         t.action('if eq .Role "user"')
     if track_prev:
         _user_pre_branches(t, layout)
     else:
         t.text(layout.user_pre_first)
+    if in_last_user:  # .System (all system messages) opens the last message when that is a user message
+        t.action("if and $.System (eq (len (slice $.Messages $i)) 1)", newline=False)
+        t.action("$.System", newline=False)
+        t.text(layout.system_in_last_user)
+        t.action("end", newline=False)
     t.action(".Content", newline=False)
     t.text(layout.user_post)
     t.action('else if eq .Role "assistant"')
@@ -448,7 +488,7 @@ def ollama_template(layout: ChatLayout) -> str:
     t.action(".Content", newline=False)
     t.text(layout.assistant_post)
     t.action("end")
-    if track_prev and layout.supports_system:
+    if track_prev and layout.supports_system and not in_last_user:
         t.action("$prev = .Role")
     elif track_prev:
         t.action('if ne .Role "system"')
@@ -519,20 +559,50 @@ def _stops(layout: ChatLayout, info: GgufInfo) -> tuple[list[str], list[str]]:
     return stops, notes
 
 
+# Ollama's Modelfile parser (parser/parser.go) has no escapes: a comment ends at a line break; a value ends at the first
+# line break where the text so far, without the characters it drops (all but printable ones, space, tab and line
+# breaks) and outer white space, is a complete quoted string ("..." or """...""") or not quoted at all. So a value is
+# written only when it cannot end early; GGUF and user text never becomes a command.
+
+
+def _as_ollama_reads(text: str) -> str:
+    """``text`` without the characters Ollama's parser drops."""
+    return "".join(c for c in text if c.isprintable() or c in " \t\r\n")
+
+
+def _comment(text: str) -> str:
+    """Text for a `#` comment line: line breaks and other control characters become spaces."""
+    return re.sub(r"\s+", " ", "".join(c if c.isprintable() else " " for c in text)).strip()
+
+
 def _quoted_block(keyword: str, value: str) -> str:
-    if '"""' in value:
-        raise UnsupportedModelError(f'the {keyword} text contains """, which a Modelfile cannot quote')
+    if '"""' in _as_ollama_reads(value):
+        raise UnsupportedModelError(f'the {keyword} text contains """, which an Ollama Modelfile cannot hold (Ollama '
+                                    f"would read the rest as Modelfile commands)", param=_PARAM.get(keyword))
     return f'{keyword} """{value}"""'
 
 
-def _param_value(v: float | str) -> str:
+_PARAM = {"SYSTEM": "system"}
+
+
+def _param_value(name: str, v: float | str) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise UnsupportedModelError(f"the {name} parameter {v!r} is not a number or text")
     if isinstance(v, str):
-        if '"' in v or "\n" in v:
-            raise UnsupportedModelError(f"the stop sequence {v!r} cannot be written in a Modelfile")
+        if '"' in v or _as_ollama_reads(v) != v or "\n" in v or "\r" in v:
+            raise UnsupportedModelError(f"the {name} parameter {v!r} cannot be written in an Ollama Modelfile (a quote, "
+                                        "line break or control character)")
         return '"' + v + '"'
     if isinstance(v, float):
         return repr(round(v, 6))
     return str(v)
+
+
+def _from_value(path: str) -> str:
+    if _as_ollama_reads(path) != path or "\n" in path or "\r" in path:
+        raise UnsupportedModelError(f"the path {path!r} cannot be written in an Ollama Modelfile (a line break or "
+                                    "control character); rename the file")
+    return f'"{path}"' if path != path.strip() or path.startswith('"') else path
 
 
 def license_text(info: GgufInfo, license_file: str | os.PathLike | None = None) -> str | None:
@@ -549,19 +619,20 @@ def modelfile_text(*, from_path: str, layout: ChatLayout, info: GgufInfo, system
                    parameters: dict[str, float | int], num_ctx: int | None, license: str | None,
                    notes: list[str] | None = None) -> str:
     checked = "with and without a system prompt" if layout.supports_system else "without a system prompt"
-    lines = [f"# Ollama Modelfile for {info.name or info.path.stem}, written by cl3.",
-             f"# TEMPLATE: {layout.family}, translated from the GGUF's tokenizer.chat_template and checked against it",
+    lines = [f"# Ollama Modelfile for {_comment(info.name or info.path.stem)}, written by cl3.",
+             f"# TEMPLATE: {_comment(layout.family)}, translated from the GGUF's tokenizer.chat_template and checked "
+             "against it",
              f"# on 1-4 turn conversations {checked}."]
-    lines += [f"# Note: {n}." for n in (layout.notes if notes is None else notes)]
-    lines += [f"FROM {from_path}", "", _quoted_block("TEMPLATE", ollama_template(layout)), ""]
+    lines += [f"# Note: {_comment(n)}." for n in (layout.notes if notes is None else notes)]
+    lines += [f"FROM {_from_value(from_path)}", "", _quoted_block("TEMPLATE", ollama_template(layout)), ""]
     if system:
         lines += [_quoted_block("SYSTEM", system), ""]
     if num_ctx:
         lines.append(f"PARAMETER num_ctx {int(num_ctx)}")
     for stop in stop_sequences(layout, info):
-        lines.append(f"PARAMETER stop {_param_value(stop)}")
+        lines.append(f"PARAMETER stop {_param_value('stop', stop)}")
     for name, val in parameters.items():
-        lines.append(f"PARAMETER {name} {_param_value(val)}")
+        lines.append(f"PARAMETER {name} {_param_value(name, val)}")
     if license:
         lines += ["", _quoted_block("LICENSE", license)]
     return "\n".join(lines) + "\n"
@@ -608,6 +679,16 @@ def export_template(info: GgufInfo, chat_template: str | os.PathLike | None = No
                                 "name or a Jinja file) to derive the Ollama TEMPLATE from", param="chat_template")
 
 
+def check_template_budget(info: GgufInfo, template: str, chat_template: str | os.PathLike | None) -> None:
+    """Refuse, in one line naming where it came from, a template that exceeds the render budget (template_budget)."""
+    from .template_budget import check_chat_template
+
+    where = (f"the chat template {chat_template}" if chat_template is not None
+             else f"tokenizer.chat_template of {info.path.name}" if info.chat_template
+             else f"cl3's {info.family} chat template")
+    check_chat_template(template, bos_token=info.bos_token, eos_token=info.eos_token, where=where)
+
+
 def export_ollama(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, name: str | None = None,
                   system: str | None = None, generation_config: str | os.PathLike | None = None,
                   license_file: str | os.PathLike | None = None, num_ctx: int | None = None,
@@ -619,6 +700,7 @@ def export_ollama(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | Non
     chat_template: a known template name or a Jinja file to use instead of the GGUF's tokenizer.chat_template."""
     info = read_gguf_info(gguf_path)
     template, notes = export_template(info, chat_template)
+    check_template_budget(info, template, chat_template)
     layout = analyze_chat_template(template, bos_token=info.bos_token, eos_token=info.eos_token,
                                    add_bos=info.add_bos)
     if system is None:

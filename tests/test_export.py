@@ -34,7 +34,7 @@ from cl3.export import (
     stop_sequences,
 )
 from tests import go_template
-from tests.conftest import run_cl3
+from tests.conftest import one_line_error, run_cl3
 
 from .tiny import LLAMA2_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE
 
@@ -420,10 +420,56 @@ DROPS_SYSTEM = ("{% for m in messages %}{% if m.role != 'system' %}<|{{ m.role }
 GEMMA_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "a", "b"]
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma", "drops"])
+# Mixtral-8x22B-Instruct-v0.1's hub template (as Mistral-7B-Instruct-v0.3's; its tool-calling branches left out):
+# the system message opens the LAST user message.
+MIXTRAL_8X22B = """{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message["role"] == "user") != (loop.index0 % 2 == 0) %}
+        {{- raise_exception("After the optional system message, conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif %}
+    {%- if message["role"] == "user" %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST] " + system_message + "\n\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message["role"] == "assistant" %}
+        {{- " " + message["content"] + eos_token}}
+    {%- else %}
+        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+
+@pytest.mark.parametrize("template", [MIXTRAL_8X22B, MISTRAL_LAST_TURN_SYSTEM], ids=["mixtral-8x22b", "mistral"])
+@pytest.mark.parametrize("system", [None, "Be brief.\n用中文回答。"], ids=["no-SYSTEM", "with-SYSTEM"])
+def test_system_in_the_last_user_turn_is_translated(template, system, tmp_path, go_render):
+    """The TEMPLATE finds the last message (Go's len/slice) and opens it with .System, as the Jinja template does:
+    every conversation, with and without a system message, renders the same."""
+    path = write_metadata_gguf(tmp_path / "mixtral.gguf", template=template, tokens=SPM_TOKENS, bos=1, eos=2)
+    export = export_ollama(path, tmp_path, system=system)
+    assert export.layout.supports_system and export.layout.system_in_last_user == "\n\n"
+    assert not any("system messages are not supported" in n for n in export.notes)
+    assert assert_template_matches_jinja(export.modelfile, path, go_render) == 8
+    # a conversation that ends with an assistant message: no system text anywhere, in either
+    [go] = modelfile_values(export.modelfile, "TEMPLATE")
+    conv = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}]
+    jinja = render_chat_template(template, conv, bos_token="<s>", eos_token="</s>", add_generation_prompt=False)
+    assert "<s>" + go_render(go, [conv])[0] == jinja and SYSTEM not in jinja
+
+
+@pytest.mark.parametrize("kind", ["gemma", "drops"])
 def test_templates_without_system_support_translate_for_conversations_without_one(kind, tmp_path, go_render):
-    template, tokens, bos, eos = {"mistral": (MISTRAL_LAST_TURN_SYSTEM, SPM_TOKENS, 1, 2),
-                                  "gemma": (GEMMA_LIKE, GEMMA_TOKENS, 2, 1),
+    template, tokens, bos, eos = {"gemma": (GEMMA_LIKE, GEMMA_TOKENS, 2, 1),
                                   "drops": (DROPS_SYSTEM, SPM_TOKENS, 1, 2)}[kind]
     path = write_metadata_gguf(tmp_path / f"{kind}.gguf", template=template, tokens=tokens, bos=bos, eos=eos,
                                name="Chinese-Alpaca-2-7B")  # an authors' name: still no SYSTEM, the template has none
@@ -475,13 +521,15 @@ def test_cli_export_ollama(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     env_path = os.environ.get("PATH", "")
-    # no `ollama` on PATH: the exact command is printed
+    # no `ollama` on PATH: the model is not created, so the exit is a failure naming the command to run
     proc = subprocess.run([sys.executable, "-m", "cl3", "export", "ollama", str(path), "-o", str(out), "--name",
                            "alpaca2-test", "--create"], check=False, capture_output=True, text=True, timeout=120,
                           env=os.environ | {"PATH": str(Path(sys.executable).parent), "COLUMNS": "300"})
-    assert proc.returncode == 0, proc.stderr
     modelfile = out / f"{path.stem}.Modelfile"
-    assert f"ollama create alpaca2-test -f {modelfile}" in proc.stdout
+    assert proc.returncode not in (0, 70), proc.stderr
+    line = proc.stderr.splitlines()[-1]  # after `info --check`'s findings on this test model
+    assert line.startswith("error: ollama is not on PATH") and "Traceback" not in proc.stderr
+    assert "Modelfile is written" in line and f"ollama create alpaca2-test -f {modelfile}" in line
     assert modelfile_values(modelfile, "FROM") == [str(path.resolve())]
     # an `ollama` on PATH is run with that command
     bindir = tmp_path / "bin"
@@ -648,11 +696,15 @@ def test_real_world_templates(reference_go_render):
     assert translated["meta-llama-Llama-3.3-70B-Instruct"].family == "llama3-instruct"
     assert translated["Qwen-Qwen2.5-7B-Instruct"].family == "chatml"
     system_less = sorted(k for k, v in translated.items() if not v.supports_system)
-    assert {"google-gemma-2-2b-it", "mistralai-Mistral-Nemo-Instruct-2407"} <= set(system_less)
+    assert "google-gemma-2-2b-it" in system_less
+    # the system message inside the last user turn: translated with it, checked above on every conversation
+    in_last_user = sorted(k for k, v in translated.items() if v.system_in_last_user is not None)
+    assert "mistralai-Mistral-Nemo-Instruct-2407" in in_last_user
     # what is still refused needs tool definitions the probes do not pass
     assert all("tool" in k or "func" in k for k in refused), refused
     print(f"\n{len(templates)} templates: {len(translated) - len(system_less)} translated, {len(system_less)} only "
-          f"without a system message ({', '.join(system_less)}), {len(refused)} refused ({', '.join(refused)})")
+          f"without a system message ({', '.join(system_less)}), {len(refused)} refused ({', '.join(refused)}); "
+          f"system text in the last user turn: {', '.join(in_last_user)}")
 
 
 # Hub templates whose stops used to be plain words (the first word of the text before the first user turn, the first
@@ -703,3 +755,94 @@ def test_literals_that_look_like_go_template_syntax(tmp_path, go_render):
                                add_bos=False)
     export = export_ollama(path, tmp_path, system=None)
     assert assert_template_matches_jinja(export.modelfile, path, go_render) == 8
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GGUF and user text never becomes a Modelfile command (read with a transcription of Ollama's own parser)
+
+INJECTION = "x\nFROM /etc/passwd\nSYSTEM pwned\r\nPARAMETER temperature 9\nLICENSE \"\"\"evil\n"
+
+
+def ollama_commands(modelfile: Path) -> list[tuple[str, str]]:
+    from tests import ollama_parser
+
+    return ollama_parser.parse(modelfile.read_bytes().decode("utf-8"))  # as written: no newline translation
+
+
+def exported(path: Path, *args) -> list[tuple[str, str]]:
+    proc = run_cl3("export", "ollama", path, "--force", *args)
+    assert proc.returncode == 0, proc.stderr
+    return ollama_commands(path.with_suffix(".Modelfile"))
+
+
+def test_ollama_parser_transcription_reads_our_modelfiles_as_modelfile_values_does(tmp_path):
+    path = model_gguf(tmp_path, "llama3-instruct", license="MIT")
+    text = export_ollama(path, tmp_path, system="Be brief.\nFROM x").modelfile.read_text(encoding="utf-8")
+    from tests import ollama_parser
+
+    ours = [(c, v) for c, v in parse_modelfile(text)]
+    theirs = [(("FROM" if n == "model" else f"PARAMETER {n}" if n not in ("template", "system", "license")
+                else n.upper()), v) for n, v in ollama_parser.parse(text)]
+    assert theirs == ours
+    # what an injection looks like to it: a value ends at a line break after a closing quote, then commands follow
+    assert ollama_parser.parse('FROM ./a.gguf\nSYSTEM """a"""b\nc"""\nFROM /etc/passwd\n') == [
+        ("model", "./a.gguf"), ("system", 'a"""b\nc'), ("model", "/etc/passwd")]
+    assert [n for n, _ in ollama_parser.parse('# x\nFROM ./a.gguf\nSYSTEM """a"""\nFROM /etc/passwd\n')] == [
+        "model", "system", "model"]
+
+
+def test_gguf_name_cannot_inject_commands(tmp_path):
+    path = model_gguf(tmp_path, "llama3-instruct", name=INJECTION)
+    commands = exported(path)
+    assert [v for n, v in commands if n == "model"] == ["./llama3-instruct.gguf"]
+    assert not [n for n, _ in commands if n in ("system", "license", "temperature")]
+
+
+def test_system_and_license_with_line_breaks_and_keywords_stay_one_value(tmp_path):
+    text = "Be brief.\nFROM /etc/passwd\n  SYSTEM pwned\r\nPARAMETER temperature 9\n# not a comment\n\"quoted\" \"\"x\""
+    path = model_gguf(tmp_path, "llama3-instruct", license=text)
+    commands = exported(path, "--system", text)
+    assert [n for n, _ in commands].count("model") == 1
+    assert [v for n, v in commands if n == "system"] == [text]
+    assert [v for n, v in commands if n == "license"] == [text]
+    assert not [n for n, _ in commands if n == "temperature"]
+
+
+def test_triple_quotes_in_system_license_or_template_are_refused_in_one_line(tmp_path):
+    path = model_gguf(tmp_path, "llama3-instruct")
+    for bad in ('a"""\nFROM /etc/passwd\nSYSTEM """b', 'a""\x01"\nFROM /etc/passwd'):  # \x01: Ollama drops it
+        one_line_error(run_cl3("export", "ollama", path, "--system", bad, "--force"), 'the SYSTEM text contains """')
+        assert not list(tmp_path.glob("*.Modelfile"))
+    evil_license = model_gguf(tmp_path, "alpaca2", license='MIT"""\nFROM /etc/passwd\nLICENSE """x')
+    one_line_error(run_cl3("export", "ollama", evil_license), 'the LICENSE text contains """')
+    license_file = tmp_path / "LICENSE.txt"
+    license_file.write_text('MIT\n"""\nSYSTEM pwned\n', encoding="utf-8")
+    one_line_error(run_cl3("export", "ollama", path, "--license", license_file), 'the LICENSE text contains """')
+    template = LLAMA3_CHAT_TEMPLATE.replace("<|start_header_id|>", '"""\nFROM /etc/passwd\n<|start_header_id|>')
+    evil_template = write_metadata_gguf(tmp_path / "tq.gguf", template=template, tokens=LLAMA3_TOKENS, bos=0, eos=4,
+                                        eot=4)
+    one_line_error(run_cl3("export", "ollama", evil_template), 'the TEMPLATE text contains """')
+    assert not list(tmp_path.glob("*.Modelfile"))
+
+
+def test_template_markup_with_line_breaks_and_keywords_stays_one_value(tmp_path):
+    """A chat template whose markup puts Modelfile keywords at line starts: the TEMPLATE holds them, nothing else."""
+    template = ("{% for m in messages %}{{ '\\nFROM /etc/passwd\\nSYSTEM ' + m['role'] + ':\\n' + m['content'] + "
+                "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '\\nFROM /etc/passwd\\nSYSTEM assistant:\\n' }}"
+                "{% endif %}")
+    path = write_metadata_gguf(tmp_path / "kw.gguf", template=template, tokens=SPM_TOKENS, bos=1, eos=2)
+    commands = exported(path)
+    assert [n for n, _ in commands].count("model") == 1 and not [n for n, _ in commands if n == "system"]
+    [go] = [v for n, v in commands if n == "template"]
+    assert "\nFROM /etc/passwd\nSYSTEM " in go
+
+
+def test_a_stop_or_parameter_that_cannot_be_written_is_refused(tmp_path):
+    from cl3.export import _param_value
+
+    for bad in ('a"b', "a\nFROM x", "a\rb", "a\x00b"):
+        with pytest.raises(UnsupportedModelError, match="cannot be written in an Ollama Modelfile"):
+            _param_value("stop", bad)
+    with pytest.raises(UnsupportedModelError, match="not a number or text"):
+        _param_value("temperature", True)
+    assert _param_value("stop", "<|eot_id|>") == '"<|eot_id|>"' and _param_value("top_k", 40) == "40"

@@ -3,6 +3,7 @@ gibberish), called over HTTP like any OpenAI client would."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -40,11 +41,11 @@ def call(base: str, path: str, body: dict | None = None, key: str | None = API_K
         return json.loads(resp.read())
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama3_gguf):
+@contextlib.contextmanager
+def running_server(model, *options: str):
+    """`cl3 serve MODEL OPTIONS` on a free loopback port, once it answers: (base URL, process)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cl3", "serve", str(tiny_llama3_gguf), "--port", str(port),
-                             "--api-key", API_KEY, "--ctx", "512", "--threads", "2", "--alias", "tiny"],
+    proc = subprocess.Popen([sys.executable, "-m", "cl3", "serve", str(model), "--port", str(port), *options],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | {"COLUMNS": "200"})
     base = f"http://127.0.0.1:{port}"
@@ -54,7 +55,9 @@ def server(tiny_llama3_gguf):
             if proc.poll() is not None:
                 pytest.fail(f"cl3 serve exited with {proc.returncode}: {proc.stdout.read()}")
             try:
-                call(base, "/v1/models")
+                urllib.request.urlopen(base + "/v1/models", timeout=10).close()
+                break
+            except urllib.error.HTTPError:  # 401 without the key: it answers
                 break
             except (urllib.error.URLError, ConnectionError):
                 if time.monotonic() > deadline:
@@ -68,6 +71,13 @@ def server(tiny_llama3_gguf):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama3_gguf):
+    with running_server(tiny_llama3_gguf, "--api-key", API_KEY, "--ctx", "512", "--threads", "2",
+                        "--alias", "tiny") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +199,95 @@ def test_port_in_use_is_one_line(tiny_llama3_gguf):
         proc = run_cl3("serve", tiny_llama3_gguf, "--port", busy.getsockname()[1], timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in proc.stderr
+
+
+def preflight(base: str, origin: str) -> dict[str, str]:
+    """The response headers of a browser's CORS preflight for a JSON POST from a page at ``origin``."""
+    req = urllib.request.Request(base + "/v1/chat/completions", method="OPTIONS", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as ex:
+        return {k.lower(): v for k, v in ex.headers.items()}
+
+
+def test_no_cross_origin_access_by_default(server):
+    base, _ = server
+    headers = preflight(base, "http://evil.example")
+    assert "access-control-allow-origin" not in headers and "access-control-allow-credentials" not in headers
+    req = urllib.request.Request(base + "/v1/models", headers={"Origin": "http://evil.example",
+                                                               "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert "access-control-allow-origin" not in {k.lower() for k in resp.headers}
+
+
+def test_cors_allows_the_named_origins_only(tiny_llama3_gguf):
+    with running_server(tiny_llama3_gguf, "--ctx", "256", "--threads", "2", "--cors", "http://localhost:3000",
+                        "--cors", "https://chat.example.org") as (base, _):
+        for origin in ("http://localhost:3000", "https://chat.example.org"):
+            headers = preflight(base, origin)
+            assert headers.get("access-control-allow-origin") == origin
+            assert "access-control-allow-credentials" not in headers
+        assert "access-control-allow-origin" not in preflight(base, "http://evil.example")
+        req = urllib.request.Request(base + "/v1/models", headers={"Origin": "http://localhost:3000"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
+def test_cors_origin_must_be_an_origin(tiny_llama3_gguf):
+    from tests.conftest import one_line_error, run_cl3
+
+    one_line_error(run_cl3("serve", tiny_llama3_gguf, "--port", free_port(), "--cors", "localhost:3000/x"),
+                   "is not a web origin")
+
+
+def http_error(base: str, path: str, body: dict, key: str | None = API_KEY) -> tuple[int, dict]:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        call(base, path, body, key=key)
+    return info.value.code, json.loads(info.value.read())
+
+
+def test_a_request_for_another_model_is_refused(server):
+    """As the OpenAI API and Ollama answer: 404 with code model_not_found, for every endpoint naming a model."""
+    base, _ = server
+    for path, body in (("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}),
+                       ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+                       ("/extras/tokenize", {"input": "Hi"})):
+        code, error = http_error(base, path, {"model": "nonexistent-name", **body})
+        assert code == 404, path
+        assert error["error"]["code"] == "model_not_found" and "nonexistent-name" in error["error"]["message"]
+    # without the API key the answer stays 401: a stranger learns nothing about the models
+    code, _ = http_error(base, "/v1/chat/completions", {"model": "nonexistent-name", "messages": MESSAGES}, key=None)
+    assert code == 401
+
+
+def test_responses_name_the_served_model_id(server):
+    """With or without "model" in the request, responses report /v1/models' id, not the GGUF's path."""
+    base, _ = server
+    [model_id] = [m["id"] for m in call(base, "/v1/models")["data"]]
+    for body in ({"messages": MESSAGES, "max_tokens": 2}, {"model": model_id, "messages": MESSAGES, "max_tokens": 2}):
+        assert call(base, "/v1/chat/completions", body)["model"] == model_id
+    assert call(base, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})["model"] == model_id
+    resp = call(base, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "stream": True}, stream=True)
+    with resp:
+        chunks = [json.loads(line.decode().removeprefix("data:").strip()) for line in resp
+                  if line.startswith(b"data:") and b"[DONE]" not in line]
+    assert chunks and all(c["model"] == model_id for c in chunks)
+
+
+def test_chat_template_option_formats_chat_requests(tiny_llama3_gguf, tmp_path):
+    """--chat-template FILE replaces the GGUF's template for chat requests (the prompt's token count says which)."""
+    from llama_cpp import Llama
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:", encoding="utf-8")
+    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in MESSAGES) + "assistant:"
+    vocab = Llama(str(tiny_llama3_gguf), vocab_only=True, verbose=False)
+    # as with the GGUF's own template, the rendered text is the whole prompt (a template writes BOS itself)
+    expected = len(vocab.tokenize(prompt.encode(), add_bos=False, special=True))
+    with running_server(tiny_llama3_gguf, "--ctx", "256", "--threads", "2", "--chat-template", str(template)) as (
+            base, proc):
+        reply = call(base, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}, key=None)
+        assert reply["usage"]["prompt_tokens"] == expected

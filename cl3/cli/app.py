@@ -152,7 +152,13 @@ def progress_bar(description: str, *, unit: str = "bytes", quiet: bool = False) 
 def print_problems(model, chat_template: str | None = None) -> None:
     """After convert / export: `cl3 info --check`'s warnings and errors, one line each on stderr."""
     from ..check import check_gguf
+    from ..template_budget import TemplateBudgetError
 
-    for finding in check_gguf(model, chat_template):
+    try:
+        findings = check_gguf(model, chat_template)
+    except TemplateBudgetError as ex:  # the output is written; its template is what would fail elsewhere
+        err.print(f"check: error: {ex}", highlight=False, markup=False, soft_wrap=True)
+        return
+    for finding in findings:
         if finding.level in ("warning", "error"):
             err.print(f"check: {finding.line()}", highlight=False, markup=False, soft_wrap=True)

@@ -30,8 +30,8 @@ def ollama(
                                       "general.license* keys)."),
     num_ctx: int = typer.Option(None, "--num-ctx", help="Context size (default: the model's training context)."),
     chat_template: ChatTemplate = None,
-    create: bool = typer.Option(False, "--create", help="Run `ollama create` (or print the command if ollama is not "
-                                "installed)."),
+    create: bool = typer.Option(False, "--create", help="Run `ollama create` (fails, naming the command, if ollama is "
+                                "not on PATH)."),
     force: Force = False,
 ) -> None:
     """Write an Ollama Modelfile: FROM, TEMPLATE translated from the GGUF's chat template, SYSTEM, PARAMETERs, LICENSE."""
@@ -48,9 +48,9 @@ def ollama(
         out.print(f"create the model with: {escape(command)}", highlight=False, soft_wrap=True)
         return
     code = ollama_create(result)
-    if code is None:
-        out.print(f"ollama is not on PATH; run: {escape(command)}", highlight=False, soft_wrap=True)
-        return
+    if code is None:  # the model was not created: a script must see a failure
+        raise Cl3Error(f"ollama is not on PATH, so the model was not created; the Modelfile is written, create the "
+                       f"model with: {command}")
     if code != 0:
         raise Cl3Error(f"`{command}` failed with exit code {code}")
     out.print(f"created Ollama model {escape(result.name)}; run it with: ollama run {escape(result.name)}",

@@ -20,7 +20,7 @@ from .hardware import (
     gpu_offload_supported,
     physical_cpu_count,
 )
-from .llama_class import eog_token_ids, prepare_for_llama, token_piece
+from .llama_class import budgeted_chat_templates, eog_token_ids, prepare_for_llama, token_piece
 from .log import log_errors_since, log_listener, mark_log
 from .model import Context, EvalCallback, Model, context_memory_plan
 from .quantization import FileType, file_types, quantize_file, quantize_plan
@@ -50,5 +50,5 @@ __all__ = [
     "ggml_type_name", "gpu_offload_supported", "is_quantized", "log_errors_since", "log_listener", "mark_log",
     "physical_cpu_count", "prepare_for_llama", "quantize_file", "quantize_plan", "quantize_rows",
     "quantized_file_size", "requires_imatrix", "tensor_array", "tensor_at", "tensor_name", "tensor_nbytes",
-    "tensor_rows", "token_piece",
+    "tensor_rows", "token_piece", "budgeted_chat_templates",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from .hardware import prepare_llama_objects
 from .library import llama_cpp
 from .model import token_piece_bytes
@@ -25,3 +27,20 @@ def eog_token_ids(llm) -> frozenset[int]:
 def token_piece(llm, token: int, special: bool = False) -> bytes:
     """The bytes of one token of a ``llama_cpp.Llama`` (long pieces included, unlike ``Llama.detokenize``)."""
     return token_piece_bytes(llama_cpp().llama_model_get_vocab(llm.model), token, special)
+
+
+@contextlib.contextmanager
+def budgeted_chat_templates():
+    """While a ``llama_cpp.Llama`` loads: it compiles every chat template of the GGUF with llama-cpp-python's Jinja
+    formatter (constant expressions like ``'A' * 10**9`` are evaluated then) and keeps them as chat handlers; make
+    them cl3's budgeted formatter (cl3.template_budget) so a hostile template costs nothing at load or later."""
+    from llama_cpp import llama_chat_format
+
+    from ..template_budget import BudgetedChatFormatter
+
+    original = llama_chat_format.Jinja2ChatFormatter
+    llama_chat_format.Jinja2ChatFormatter = BudgetedChatFormatter
+    try:
+        yield
+    finally:
+        llama_chat_format.Jinja2ChatFormatter = original
