@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shlex
 import struct
 import tempfile
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import calibration, llama, measure
-from .errors import InputError, UsageError
+from .errors import InputError, Interrupted, UsageError
 from .files import atomic_output, check_new_output
 from .progress import Stage, stage_progress
 
@@ -51,6 +52,7 @@ KV_RECIPE = "cl3.mix.recipe_sha256"
 KV_PREDICTED = "cl3.mix.kld_predicted"
 KV_MEASURED = "cl3.mix.kld_measured"
 KV_TEXT = "cl3.mix.kld_text"
+NOT_MEASURED = "not measured"  # KV_MEASURED of a mix whose check did not run (12 characters, as a measured value)
 BLOCK_ELEMENTS = 1 << 22  # rows are quantized in blocks of about this many weights (bounded memory)
 PROXY_ELEMENTS = 1 << 20  # the proxy of a larger tensor is estimated on evenly spread rows (scaled up)
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
@@ -677,7 +679,7 @@ def plan_mix(src: str | os.PathLike, target: Target, sens: Sensitivity, *,
     ftype = known[label].ftype
 
     metadata: dict[str, str | int] = {KV_TARGET: target.describe()[:127], KV_RECIPE: "0" * 64,
-                                      KV_PREDICTED: _fixed_width(0.0), KV_MEASURED: _fixed_width(0.0),
+                                      KV_PREDICTED: _fixed_width(0.0), KV_MEASURED: NOT_MEASURED,
                                       KV_TEXT: f"{sens.text}/ctx{sens.n_ctx}x{sens.chunks}"[:127]}
     metadata.update(imatrix_metadata or {})
     cheapest = {g.name: min(g.candidates, key=lambda t: g.candidates[t].bytes) for g in sens.groups}
@@ -767,8 +769,10 @@ def llama_quantize_args(plan: MixPlan, output: Path, recipe: Path, imatrix_file:
 def quantize_mix(plan: MixPlan, output: str | os.PathLike, *, importances: dict[str, np.ndarray] | None = None,
                  imatrix_file: str | None = None, text: str | None = None, threads: int | None = None,
                  n_gpu_layers: int = -1, force: bool = False, stage: Stage | None = None) -> MixResult:
-    """Quantize ``plan`` with llama.cpp, measure the file's KLD on the sensitivity text and record it, and write
-    the recipe (``.tensor-types.txt`` and ``.recipe.json``) beside it. Every file is written atomically."""
+    """Quantize ``plan`` with llama.cpp, write the recipe (``.tensor-types.txt`` and ``.recipe.json``) beside it,
+    then measure the file's KLD on the sensitivity text and record it. Every file is written atomically; once the
+    mix is complete, an interrupted check keeps it (``cl3.mix.kld_measured`` "not measured") and raises
+    :class:`Interrupted` saying so."""
     output = Path(output)
     recipe, recipe_json = recipe_paths(output)
     for path in (output, recipe, recipe_json):
@@ -780,30 +784,46 @@ def quantize_mix(plan: MixPlan, output: str | os.PathLike, *, importances: dict[
     if hashlib.sha256(text.encode()).hexdigest() != sens.text_sha256:
         raise UsageError("the text differs from the one the sensitivity was measured on")
     sample = _sample_text(src, text, sens.n_ctx, sens.chunks)
+    plan.metadata[KV_MEASURED] = NOT_MEASURED  # until the check below has run (same width as a measured value)
     with atomic_output(output) as tmp, atomic_output(recipe) as tmp_recipe, atomic_output(recipe_json) as tmp_json:
         with stage_progress(stage, f"quantizing the mix ({plan.size_bytes / 2**20:.1f} MiB)", "tensors") as update:
             llama.quantize_file(src, tmp, llama.file_types()[plan.file_type].ftype, threads=threads or 0,
                                 imatrix=importances, metadata=plan.metadata, tensor_types=plan.overrides(),
                                 progress=update)
-        with stage_progress(stage, "measuring its KLD", "chunks") as update:
-            r = measure.perplexity(tmp, sample, n_ctx=sens.n_ctx, chunks=sens.chunks, threads=threads,
-                                   n_gpu_layers=n_gpu_layers, kld_base=src, progress=update)
-        kld = r.kld.kld_mean
-        plan.metadata[KV_MEASURED] = _fixed_width(kld)
-        patch_string(tmp, KV_MEASURED, plan.metadata[KV_MEASURED])
         if tmp.stat().st_size != plan.size_bytes:
             raise InputError(f"llama.cpp wrote {tmp.stat().st_size} bytes, not the {plan.size_bytes} planned")
         tmp_recipe.write_text(plan.recipe_text, encoding="utf-8")
         args = llama_quantize_args(plan, output, recipe, imatrix_file)
-        tmp_json.write_text(json.dumps({
-            "output": str(output), "source": plan.source, "target": plan.target.describe(),
-            "file_type": plan.file_type, "size_bytes": plan.size_bytes, "bpw": plan.bpw,
-            "kld_predicted": plan.predicted_kld, "kld_measured": kld, "kld_text": plan.metadata[KV_TEXT],
-            "recipe_sha256": plan.metadata[KV_RECIPE], "imatrix": imatrix_file, "types": plan.types,
-            "metadata": plan.metadata, "llama_quantize": args, "standard_types": plan.standard,
-            "sensitivity": {"mode": sens.mode, "measurements": sens.measurements, "spearman": sens.spearman}},
-            indent=1), encoding="utf-8")
+        tmp_json.write_text(_recipe_json(plan, output, imatrix_file, None, args), encoding="utf-8")
+    # The mix is complete at its final path: the check that follows decides nothing about it, so an interrupted
+    # or failed check leaves it there, recorded as not measured.
+    try:
+        with stage_progress(stage, "measuring its KLD", "chunks") as update:
+            r = measure.perplexity(output, sample, n_ctx=sens.n_ctx, chunks=sens.chunks, threads=threads,
+                                   n_gpu_layers=n_gpu_layers, kld_base=src, progress=update)
+    except KeyboardInterrupt:
+        raise Interrupted(f"kept {output} (complete; its KLD was not measured, {KV_MEASURED} = {NOT_MEASURED!r}); "
+                          f"measure it alone with: cl3 ppl {shlex.quote(str(output))} --kld-base "
+                          f"{shlex.quote(str(src))}") from None
+    kld = r.kld.kld_mean
+    plan.metadata[KV_MEASURED] = _fixed_width(kld)
+    patch_string(output, KV_MEASURED, plan.metadata[KV_MEASURED])
+    args = llama_quantize_args(plan, output, recipe, imatrix_file)
+    with atomic_output(recipe_json) as tmp_json:
+        tmp_json.write_text(_recipe_json(plan, output, imatrix_file, kld, args), encoding="utf-8")
     return MixResult(output, plan, kld, recipe, recipe_json, args)
+
+
+def _recipe_json(plan: MixPlan, output: Path, imatrix_file: str | None, kld: float | None, args: list[str]) -> str:
+    sens = plan.sensitivity
+    return json.dumps({
+        "output": str(output), "source": plan.source, "target": plan.target.describe(),
+        "file_type": plan.file_type, "size_bytes": plan.size_bytes, "bpw": plan.bpw,
+        "kld_predicted": plan.predicted_kld, "kld_measured": kld, "kld_text": plan.metadata[KV_TEXT],
+        "recipe_sha256": plan.metadata[KV_RECIPE], "imatrix": imatrix_file, "types": plan.types,
+        "metadata": plan.metadata, "llama_quantize": args, "standard_types": plan.standard,
+        "sensitivity": {"mode": sens.mode, "measurements": sens.measurements, "spearman": sens.spearman}},
+        indent=1)
 
 
 def patch_string(path: Path, key: str, value: str) -> None:

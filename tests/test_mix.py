@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
+import sys
+import time
 
 import gguf
 import numpy as np
@@ -302,3 +306,33 @@ def test_a_quantized_source_is_refused(tiny_llama3_gguf, tmp_path):
     q8 = tmp_path / "q8.gguf"
     assert run_cl3("quantize", tiny_llama3_gguf, "Q8_0", "-o", q8, "-q").returncode == 0
     one_line_error(run_cl3("quantize", q8, "--target-size", "1GB", "-q"), "already quantized")
+
+
+def test_ctrl_c_during_the_check_keeps_the_finished_mix(trained_demo, tmp_path):
+    """SIGINT once the mix is at its final path (during the KLD check that follows): the file stays, complete and
+    loadable, its metadata saying the check did not run, and the message says so and how to run the check alone."""
+    f16, _ = trained_demo(1)
+    src = tmp_path / f16.name
+    src.symlink_to(f16)
+    out = tmp_path / "m.gguf"
+    child = subprocess.Popen([sys.executable, "-m", "cl3", "quantize", src, "--target-bpw", "5", "--measure", "proxy",
+                              "--sensitivity-chunks", "48", "-o", out, "-q"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "200"})
+    deadline = time.monotonic() + 300
+    while not out.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert out.is_file() and f"kept {out}" in stderr and f"cl3 ppl {out} --kld-base {src}" in " ".join(stderr.split())
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted: kept {out}") and "Traceback" not in stderr, stderr
+    assert mix.read_mix_metadata(out)[mix.KV_MEASURED] == mix.NOT_MEASURED
+    recipe, recipe_json = mix.recipe_paths(out)
+    data = json.loads(recipe_json.read_text())
+    assert data["kld_measured"] is None and data["size_bytes"] == out.stat().st_size and recipe.is_file()
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name in data["types"]} == \
+        data["types"]
+    with llama.Model(out) as m:  # llama.cpp loads it
+        assert len(m.tokenize("hello")) > 0
+    assert not list(tmp_path.glob(".*partial"))
