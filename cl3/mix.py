@@ -7,7 +7,8 @@
    source's logits. *Proxy*: the imatrix-weighted squared error of the same quantization, done by ggml in memory
    (the same bytes), sum_ij imatrix_j (W - deq(q(W)))_ij^2. A proxy becomes a KLD through the tensor's own measured
    points (a line in log-log space), or, for tensors not measured, through the measured tensors of the same kind in
-   other layers. Cached as ``*.sensitivity.json`` beside the source.
+   other layers. Cached as ``*.sensitivity.json`` beside the source; an unfinished run keeps what it found in
+   ``*.sensitivity.partial.json`` as it goes, and the next run continues from it.
 2. :func:`allocate`: minimise the sum of predicted KLDs (per-tensor errors add up nearly linearly) subject to the
    size, by dynamic programming over the tensors, then a greedy fill of what rounding left over.
 3. :func:`plan_mix` checks the choice with llama.cpp's quantizer dry run and sizes the file exactly (header
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import calibration, llama, measure
-from .errors import InputError, Interrupted, UsageError
+from .errors import InputError, Interrupted, OutputError, UsageError
 from .files import atomic_output, check_new_output
 from .progress import Stage, stage_progress
 
@@ -253,23 +254,17 @@ def _round_trip(t: int, rows: np.ndarray, weights: np.ndarray | None) -> np.ndar
     return llama.dequantize_rows(t, q, rows.shape[0], rows.shape[1])
 
 
-def _proxies(tensors: _Tensors, group: Group, weights: np.ndarray | None, pool) -> dict[str, float]:
-    """The imatrix-weighted squared error of every candidate, block by block in parallel."""
-    rows, n = group.shape
-    col = weights if weights is not None else np.ones(n, np.float32)
-    types = {name: llama.ggml_type_by_name(name) for name in group.candidates}
-
-    def block(which):
-        w = tensors.rows(group.name, which)
-        return {name: float((np.square(_round_trip(t, w, weights) - w) * col).sum(dtype=np.float64))
-                for name, t in types.items()}
-
-    blocks, scale = _row_blocks(rows, n)
-    totals = dict.fromkeys(types, 0.0)
-    for part in pool.map(block, blocks):
-        for name, v in part.items():
-            totals[name] += v * scale
-    return totals
+def _proxy(tensors: _Tensors, name: str, row_length: int, type_name: str, weights: np.ndarray | None,
+           blocks: list[np.ndarray], scale: float) -> float:
+    """The imatrix-weighted squared error of one tensor in one type, sum_ij imatrix_j (W - deq(q(W)))_ij^2, over
+    ``blocks`` of rows scaled up by ``scale``."""
+    t = llama.ggml_type_by_name(type_name)
+    col = weights if weights is not None else np.ones(row_length, np.float32)
+    total = 0.0
+    for which in blocks:
+        w = tensors.rows(name, which)
+        total += float((np.square(_round_trip(t, w, weights) - w) * col).sum(dtype=np.float64)) * scale
+    return total
 
 
 def anchors(g: Group) -> list[str]:
@@ -410,7 +405,9 @@ def sensitivity(src: str | os.PathLike, *, importances: dict[str, np.ndarray] | 
     the built-in calibration text (``chunks`` windows of ``n_ctx`` tokens spread over it). ``mode``: "all" measures
     every candidate; "anchors" every tensor at Q2_K/Q4_K/Q6_K, the rest from the proxy; "sample" the anchors of the
     first, middle and last layer of each kind; "proxy" measures nothing; "auto": "all" up to 50M parameters,
-    "anchors" up to 500M, else "sample". The result is cached in ``cache_dir`` (default: beside the source).
+    "anchors" up to 500M, else "sample". The result is cached in ``cache_dir`` (default: beside the source); an
+    interrupted run keeps what it found there and raises :class:`Interrupted`, and the same call continues from it.
+    The quantization errors run on ``threads`` threads (default: the physical cores), one (tensor, type) each.
     ``tensors`` limits the work to those tensors (for studies of the proxy; such a result cannot plan a mix).
     """
     from .quantize import file_sha256
@@ -453,38 +450,115 @@ def sensitivity(src: str | os.PathLike, *, importances: dict[str, np.ndarray] | 
     if not groups:
         raise InputError(f"{src} has no tensor llama.cpp would quantize")
     weights_file = _Tensors(src)
-    workers = threads or llama.physical_cpu_count()
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    saved = _PartialSensitivity(partial_sensitivity_path(path), key)
+    try:
         with stage_progress(stage, "quantization error per type", "tensors") as update:
-            for i, g in enumerate(groups):
-                weights = importances.get(g.name) if importances else None
-                proxies = _proxies(weights_file, g, weights, pool)
-                g.candidates = {t: Candidate(llama.tensor_nbytes(t, g.shape), proxies[t]) for t in g.candidates}
-                if update:
-                    update(i + 1, len(groups))
+            _all_proxies(weights_file, groups, importances, threads or llama.physical_cpu_count(), saved, update)
+        for g in groups:
+            g.candidates = {t: Candidate(llama.tensor_nbytes(t, g.shape), saved.proxies[g.name][t])
+                            for t in g.candidates}
         todo = _measure_modes(groups, mode)
         n_todo = sum(len(v) for v in todo.values())
-        if n_todo:
+        left = []
+        for g in groups:
+            for t in todo.get(g.name, []):
+                g.candidates[t].measured = saved.measured.get(g.name, {}).get(t)
+                if g.candidates[t].measured is None:
+                    left.append((g, t))
+        if left:
             sample = _sample_text(src, text, n_ctx, chunks)
             with stage_progress(stage, f"KLD per tensor and type ({mode})", "measurements") as update, \
                     _scratch_file(cache) as scratch:
-                done = 0
-                for g in groups:
-                    for t in todo.get(g.name, []):
-                        _one_tensor_model(src, scratch, weights_file, g.name, t, importances, threads)
-                        r = measure.perplexity(scratch, sample, n_ctx=n_ctx, chunks=chunks, threads=threads,
-                                               n_gpu_layers=n_gpu_layers, kld_base=src)
-                        g.candidates[t].measured = max(r.kld.kld_mean, 0.0)
-                        done += 1
-                        if update:
-                            update(done, n_todo)
+                done = n_todo - len(left)
+                for g, t in left:
+                    _one_tensor_model(src, scratch, weights_file, g.name, t, importances, threads)
+                    r = measure.perplexity(scratch, sample, n_ctx=n_ctx, chunks=chunks, threads=threads,
+                                           n_gpu_layers=n_gpu_layers, kld_base=src)
+                    g.candidates[t].measured = max(r.kld.kld_mean, 0.0)
+                    saved.measured.setdefault(g.name, {})[t] = g.candidates[t].measured
+                    saved.save(time.perf_counter() - t0, force=True)
+                    done += 1
+                    if update:
+                        update(done, n_todo)
+    except KeyboardInterrupt:
+        saved.save(time.perf_counter() - t0, force=True)
+        raise Interrupted(f"the sensitivity found so far is kept in {saved.path}; the same command continues "
+                          "from it") from None
     _fit_predictions(groups)
     result = Sensitivity(str(src), model_sha256, text_name or "text", text_sha, imatrix_name, im_sha, n_ctx,
-                         chunks, mode, groups, seconds=time.perf_counter() - t0, measurements=n_todo)
+                         chunks, mode, groups, seconds=saved.seconds + time.perf_counter() - t0,
+                         measurements=n_todo)
     result.spearman = proxy_report(groups)
     with contextlib.suppress(OSError), atomic_output(path) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+    if path.is_file():
+        saved.path.unlink(missing_ok=True)
     return result
+
+
+def partial_sensitivity_path(path: Path) -> Path:
+    """Where an unfinished sensitivity keeps what it has found (removed when it completes)."""
+    return path.with_name(path.name.removesuffix(".json") + ".partial.json")
+
+
+class _PartialSensitivity:
+    """What an unfinished sensitivity run has found (every type's proxy of each finished tensor, each measured KLD),
+    saved atomically as it goes so that an interrupted run continues where it stopped. ``key`` is the cache key:
+    a file for another model, text, imatrix or mode is ignored."""
+
+    def __init__(self, path: Path, key: str, every_s: float = 5.0):
+        self.path, self.key, self.every_s = path, key, every_s
+        self.proxies: dict[str, dict[str, float]] = {}
+        self.measured: dict[str, dict[str, float]] = {}
+        self.seconds = 0.0
+        self.last_save = time.monotonic()
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if d["key"] == key:
+                self.proxies = {g: {t: float(v) for t, v in c.items()} for g, c in d["proxies"].items()}
+                self.measured = {g: {t: float(v) for t, v in c.items()} for g, c in d["measured"].items()}
+                self.seconds = float(d["seconds"])
+
+    def save(self, seconds: float = 0.0, *, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_save < self.every_s:
+            return
+        self.last_save = time.monotonic()
+        data = {"key": self.key, "seconds": self.seconds + seconds, "proxies": self.proxies, "measured": self.measured}
+        with contextlib.suppress(OSError, OutputError), atomic_output(self.path) as tmp:
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _all_proxies(tensors: _Tensors, groups: list[Group], importances: dict[str, np.ndarray] | None, workers: int,
+                 saved: _PartialSensitivity, update) -> None:
+    """Every candidate's proxy into ``saved.proxies``: one task per (tensor, type) on ``workers`` threads (ggml's
+    quantization and numpy release the GIL, so every core is busy); a tensor is saved once all its types are done."""
+    left = [g for g in groups if set(g.candidates) - set(saved.proxies.get(g.name, {}))]
+    finished = len(groups) - len(left)
+    if update:
+        update(finished, len(groups))
+    if not left:
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        tasks = {}
+        for g in left:
+            weights = importances.get(g.name) if importances else None
+            blocks, scale = _row_blocks(*g.shape)
+            for t in g.candidates:
+                tasks[pool.submit(_proxy, tensors, g.name, g.shape[1], t, weights, blocks, scale)] = g.name, t
+        found: dict[str, dict[str, float]] = {g.name: {} for g in left}
+        want = {g.name: len(g.candidates) for g in left}
+        for future in concurrent.futures.as_completed(tasks):
+            name, t = tasks[future]
+            found[name][t] = future.result()
+            if len(found[name]) == want[name]:
+                saved.proxies[name] = found.pop(name)
+                saved.save()
+                finished += 1
+                if update:
+                    update(finished, len(groups))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _quantizable(src: Path) -> dict[str, tuple[int, int]]:

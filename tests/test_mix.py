@@ -4,6 +4,7 @@ held-out text, and byte-identical reproduction by stock llama-quantize."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -336,3 +337,57 @@ def test_ctrl_c_during_the_check_keeps_the_finished_mix(trained_demo, tmp_path):
     with llama.Model(out) as m:  # llama.cpp loads it
         assert len(m.tokenize("hello")) > 0
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_an_interrupted_sensitivity_continues_from_its_cache(trained_demo, tmp_path):
+    """Ctrl-C in the quantization errors, then in the measurements: each rerun continues from what was saved
+    (nothing found is redone) and the result equals an uninterrupted run's."""
+    from cl3.errors import Interrupted
+
+    f16, imatrix = trained_demo(1)
+    im = read_imatrix(imatrix).importances()
+    names = {"blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight",
+             "output.weight"}
+    args = dict(importances=im, mode="anchors", chunks=1, threads=2, tensors=names, model_sha256="0" * 64)
+    (tmp_path / "whole").mkdir()
+    whole = mix.sensitivity(f16, cache_dir=tmp_path / "whole", **args)
+    n_measured = sum(c.measured is not None for g in whole.groups for c in g.candidates.values())
+    assert n_measured == 15
+
+    def stopping(at: dict[str, int], seen: dict[str, list[int]]):
+        """A stage that records every update and raises KeyboardInterrupt at ``at[stage]`` done."""
+        @contextlib.contextmanager
+        def stage(description: str, unit: str):
+            key = description.split()[0]
+
+            def update(done: int, total: int) -> None:
+                seen.setdefault(key, []).append(done)
+                if done >= at.get(key, total + 1):
+                    raise KeyboardInterrupt
+            yield update
+        return stage
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    seen: dict[str, list[int]] = {}
+    with pytest.raises(Interrupted, match="continues"):
+        mix.sensitivity(f16, cache_dir=cache, stage=stopping({"quantization": 2}, seen), **args)
+    partial = list(cache.glob("*.sensitivity.partial.json"))
+    assert len(partial) == 1 and not list(cache.glob("*.sensitivity.json"))
+    assert 2 <= len(json.loads(partial[0].read_text())["proxies"]) < len(names)
+    seen.clear()
+    with pytest.raises(Interrupted):
+        mix.sensitivity(f16, cache_dir=cache, stage=stopping({"KLD": 4}, seen), **args)
+    assert seen["quantization"][0] >= 2          # the saved tensors were not quantized again
+    assert seen["KLD"] == [1, 2, 3, 4]
+    seen.clear()
+    resumed = mix.sensitivity(f16, cache_dir=cache, stage=stopping({}, seen), **args)
+    assert seen["quantization"] == [len(names)]  # nothing left to do
+    assert seen["KLD"][0] == 5 and seen["KLD"][-1] == n_measured
+    assert not list(cache.glob("*.partial.json")) and len(list(cache.glob("*.sensitivity.json"))) == 1
+    for a, b in zip(whole.groups, resumed.groups, strict=True):
+        assert a.name == b.name and a.candidates.keys() == b.candidates.keys()
+        for t in a.candidates:
+            x, y = a.candidates[t], b.candidates[t]
+            assert (x.bytes, x.proxy, x.measured) == (y.bytes, y.proxy, y.measured), (a.name, t)
+            assert x.predicted == pytest.approx(y.predicted, rel=1e-12)
