@@ -53,6 +53,7 @@ KV_RECIPE = "cl3.mix.recipe_sha256"
 KV_PREDICTED = "cl3.mix.kld_predicted"
 KV_MEASURED = "cl3.mix.kld_measured"
 KV_TEXT = "cl3.mix.kld_text"
+UNCALIBRATED = "uncalibrated"  # KV_PREDICTED of a mix planned on the proxy alone (no KLD to predict from)
 NOT_MEASURED = "not measured"  # KV_MEASURED of a mix whose check did not run (12 characters, as a measured value)
 BLOCK_ELEMENTS = 1 << 22  # rows are quantized in blocks of about this many weights (bounded memory)
 PROXY_ELEMENTS = 1 << 20  # the proxy of a larger tensor is estimated on evenly spread rows (scaled up)
@@ -142,6 +143,12 @@ class Sensitivity:
 
     def group(self, name: str) -> Group:
         return next(g for g in self.groups if g.name == name)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the predictions are KLDs: some tensor was measured. Otherwise (the proxy mode) they are the raw
+        imatrix-weighted squared errors, which rank the choices but are no KL divergence."""
+        return any(c.measured is not None for g in self.groups for c in g.candidates.values())
 
     def predicted(self, types: dict[str, str]) -> float | None:
         """The predicted KLD of a whole assignment {tensor: type name} (None if a type has no estimate)."""
@@ -786,7 +793,7 @@ def plan_mix(src: str | os.PathLike, target: Target, sens: Sensitivity, *,
         raise InputError(f"llama.cpp's quantizer would not give {wrong[0]} the type {types[wrong[0]]} "
                          f"(it plans {planned.get(wrong[0])})")
     predicted = sum(sens.group(n).candidates[t].predicted for n, t in types.items())
-    metadata[KV_PREDICTED] = _fixed_width(predicted)
+    metadata[KV_PREDICTED] = _fixed_width(predicted) if sens.calibrated else UNCALIBRATED
     plan = MixPlan(str(src), target, label, types, 0, _tensor_bytes(src, planned), n_params, predicted, metadata,
                    sens, standard)
     metadata[KV_RECIPE] = hashlib.sha256(plan.recipe_text.encode()).hexdigest()
@@ -893,7 +900,8 @@ def _recipe_json(plan: MixPlan, output: Path, imatrix_file: str | None, kld: flo
     return json.dumps({
         "output": str(output), "source": plan.source, "target": plan.target.describe(),
         "file_type": plan.file_type, "size_bytes": plan.size_bytes, "bpw": plan.bpw,
-        "kld_predicted": plan.predicted_kld, "kld_measured": kld, "kld_text": plan.metadata[KV_TEXT],
+        "kld_predicted": plan.predicted_kld if sens.calibrated else None,
+        "proxy_error_uncalibrated": None if sens.calibrated else plan.predicted_kld, "kld_measured": kld, "kld_text": plan.metadata[KV_TEXT],
         "recipe_sha256": plan.metadata[KV_RECIPE], "imatrix": imatrix_file, "types": plan.types,
         "metadata": plan.metadata, "llama_quantize": args, "standard_types": plan.standard,
         "sensitivity": {"mode": sens.mode, "measurements": sens.measurements, "spearman": sens.spearman}},

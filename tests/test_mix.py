@@ -258,7 +258,9 @@ def test_dry_run_shows_the_plan_and_writes_nothing(tiny_llama3_gguf, tmp_path):
     before = set(tmp_path.iterdir())
     proc = run_cl3("quantize", src, "--target-size", str(size), "--measure", "proxy", "--dry-run", "-q")
     assert proc.returncode == 0, proc.stderr
-    assert "blk.0.ffn_down.weight" in proc.stdout and "predicted KLD" in proc.stdout and "Q4_K_M" in proc.stdout
+    assert "blk.0.ffn_down.weight" in proc.stdout and "Q4_K_M" in proc.stdout
+    # nothing was measured: the figures are named for what they are, no column or title says KLD
+    assert "proxy error (uncalibrated)" in proc.stdout and "KLD" not in proc.stdout
     # nothing but the sensitivity cache
     assert {p.name for p in set(tmp_path.iterdir()) - before} == {
         p.name for p in tmp_path.glob("*.sensitivity.json")} and len(list(tmp_path.glob("*.sensitivity.json"))) == 1
@@ -391,3 +393,27 @@ def test_an_interrupted_sensitivity_continues_from_its_cache(trained_demo, tmp_p
             x, y = a.candidates[t], b.candidates[t]
             assert (x.bytes, x.proxy, x.measured) == (y.bytes, y.proxy, y.measured), (a.name, t)
             assert x.predicted == pytest.approx(y.predicted, rel=1e-12)
+
+
+def test_a_plan_says_kld_only_when_calibrated_against_a_measurement(tiny_llama3_gguf, tmp_path):
+    """A proxy-only plan prints no KLD (its figures are squared errors, recorded as uncalibrated); a plan with
+    measured tensors prints predicted KLDs, and its figures are measured KLDs where measured."""
+    src = tmp_path / "tiny.gguf"
+    src.symlink_to(tiny_llama3_gguf)
+    proxy = run_cl3("quantize", src, "--target-bpw", "5", "--measure", "proxy", "-o", tmp_path / "p.gguf")
+    assert proxy.returncode == 0, proxy.stderr
+    table = proxy.stdout.split("wrote")[0]
+    assert "KLD" not in table and "proxy error (uncalibrated)" in table
+    assert "not predicted" in proxy.stdout
+    assert mix.read_mix_metadata(tmp_path / "p.gguf")[mix.KV_PREDICTED] == mix.UNCALIBRATED
+    data = json.loads(mix.recipe_paths(tmp_path / "p.gguf")[1].read_text())
+    assert data["kld_predicted"] is None and data["proxy_error_uncalibrated"] > 0
+    measured = run_cl3("quantize", src, "--target-bpw", "5", "--measure", "anchors", "--sensitivity-chunks", "2",
+                       "--dry-run")
+    assert measured.returncode == 0, measured.stderr
+    assert "predicted KLD" in measured.stdout and "proxy error" not in measured.stdout
+    sens = mix.Sensitivity.from_dict(json.loads(next(
+        p for p in tmp_path.glob("*.sensitivity.json") if '"anchors"' in p.read_text()).read_text()))
+    assert sens.calibrated
+    g = sens.group("blk.0.ffn_down.weight")
+    assert g.candidates["Q4_K"].predicted == g.candidates["Q4_K"].measured  # the figure printed is the KLD measured
