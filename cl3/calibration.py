@@ -30,6 +30,46 @@ def _builtin(kind: str) -> str:
     return text[:-1]  # as if read by llama.cpp's -f, which drops one trailing newline
 
 
+def builtin_parts(kind: str) -> list[str]:
+    """The built-in text of ``kind`` file by file (each a language and kind of text: code, English prose ...)."""
+    folder = resources.files("cl3") / "data" / kind
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".txt")), key=lambda f: f.name)
+    return [f.read_text(encoding="utf-8").strip("\n") for f in files]
+
+
+def spread_windows(parts: list[str], windows: int, window_chars: int) -> str:
+    """``windows`` stretches of about ``window_chars`` (whole paragraphs) spread over ``parts``: every part gets
+    some while there are enough (more to the longer ones), evenly placed inside it; fewer windows than parts take
+    parts spread over the list. A short calibration then still sees every language and kind of text."""
+    n = len(parts)
+    if windows < n:
+        counts = [0] * n
+        for i in {round(x) for x in [k * (n - 1) / max(1, windows - 1) for k in range(windows)]}:
+            counts[i] = 1
+    else:
+        total = sum(len(p) for p in parts)
+        share = [(windows - n) * len(p) / total for p in parts]
+        counts = [1 + int(x) for x in share]
+        for i in sorted(range(n), key=lambda i: int(share[i]) - share[i])[: windows - sum(counts)]:
+            counts[i] += 1
+    out = []
+    for part, count in zip(parts, counts):
+        paragraphs = part.split("\n\n")
+        starts, at = [], 0
+        for p in paragraphs:
+            starts.append(at)
+            at += len(p) + 2
+        for k in range(count):
+            i = next((j for j, s in enumerate(starts) if s >= (k + 0.5) * len(part) / count - window_chars / 2), 0)
+            window, size = [], 0
+            while i < len(paragraphs) and size < window_chars:
+                window.append(paragraphs[i])
+                size += len(paragraphs[i]) + 2
+                i += 1
+            out.append("\n\n".join(window))
+    return "\n\n".join(out)
+
+
 def _with_newline(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 

@@ -7,7 +7,8 @@
    source's logits. *Proxy*: the imatrix-weighted squared error of the same quantization, done by ggml in memory
    (the same bytes), sum_ij imatrix_j (W - deq(q(W)))_ij^2. A proxy becomes a KLD through the tensor's own measured
    points (a line in log-log space), or, for tensors not measured, through the measured tensors of the same kind in
-   other layers. Cached as ``*.sensitivity.json`` beside the source.
+   other layers. Cached as ``*.sensitivity.json`` beside the source; an unfinished run keeps what it found in
+   ``*.sensitivity.partial.json`` as it goes, and the next run continues from it.
 2. :func:`allocate`: minimise the sum of predicted KLDs (per-tensor errors add up nearly linearly) subject to the
    size, by dynamic programming over the tensors, then a greedy fill of what rounding left over.
 3. :func:`plan_mix` checks the choice with llama.cpp's quantizer dry run and sizes the file exactly (header
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import re
+import shlex
 import struct
 import tempfile
 import time
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import calibration, llama, measure
-from .errors import InputError, UsageError
+from .errors import InputError, Interrupted, OutputError, UsageError
 from .files import atomic_output, check_new_output
 from .progress import Stage, stage_progress
 
@@ -51,6 +53,8 @@ KV_RECIPE = "cl3.mix.recipe_sha256"
 KV_PREDICTED = "cl3.mix.kld_predicted"
 KV_MEASURED = "cl3.mix.kld_measured"
 KV_TEXT = "cl3.mix.kld_text"
+UNCALIBRATED = "uncalibrated"  # KV_PREDICTED of a mix planned on the proxy alone (no KLD to predict from)
+NOT_MEASURED = "not measured"  # KV_MEASURED of a mix whose check did not run (12 characters, as a measured value)
 BLOCK_ELEMENTS = 1 << 22  # rows are quantized in blocks of about this many weights (bounded memory)
 PROXY_ELEMENTS = 1 << 20  # the proxy of a larger tensor is estimated on evenly spread rows (scaled up)
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
@@ -139,6 +143,12 @@ class Sensitivity:
 
     def group(self, name: str) -> Group:
         return next(g for g in self.groups if g.name == name)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the predictions are KLDs: some tensor was measured. Otherwise (the proxy mode) they are the raw
+        imatrix-weighted squared errors, which rank the choices but are no KL divergence."""
+        return any(c.measured is not None for g in self.groups for c in g.candidates.values())
 
     def predicted(self, types: dict[str, str]) -> float | None:
         """The predicted KLD of a whole assignment {tensor: type name} (None if a type has no estimate)."""
@@ -251,23 +261,17 @@ def _round_trip(t: int, rows: np.ndarray, weights: np.ndarray | None) -> np.ndar
     return llama.dequantize_rows(t, q, rows.shape[0], rows.shape[1])
 
 
-def _proxies(tensors: _Tensors, group: Group, weights: np.ndarray | None, pool) -> dict[str, float]:
-    """The imatrix-weighted squared error of every candidate, block by block in parallel."""
-    rows, n = group.shape
-    col = weights if weights is not None else np.ones(n, np.float32)
-    types = {name: llama.ggml_type_by_name(name) for name in group.candidates}
-
-    def block(which):
-        w = tensors.rows(group.name, which)
-        return {name: float((np.square(_round_trip(t, w, weights) - w) * col).sum(dtype=np.float64))
-                for name, t in types.items()}
-
-    blocks, scale = _row_blocks(rows, n)
-    totals = dict.fromkeys(types, 0.0)
-    for part in pool.map(block, blocks):
-        for name, v in part.items():
-            totals[name] += v * scale
-    return totals
+def _proxy(tensors: _Tensors, name: str, row_length: int, type_name: str, weights: np.ndarray | None,
+           blocks: list[np.ndarray], scale: float) -> float:
+    """The imatrix-weighted squared error of one tensor in one type, sum_ij imatrix_j (W - deq(q(W)))_ij^2, over
+    ``blocks`` of rows scaled up by ``scale``."""
+    t = llama.ggml_type_by_name(type_name)
+    col = weights if weights is not None else np.ones(row_length, np.float32)
+    total = 0.0
+    for which in blocks:
+        w = tensors.rows(name, which)
+        total += float((np.square(_round_trip(t, w, weights) - w) * col).sum(dtype=np.float64)) * scale
+    return total
 
 
 def anchors(g: Group) -> list[str]:
@@ -408,7 +412,9 @@ def sensitivity(src: str | os.PathLike, *, importances: dict[str, np.ndarray] | 
     the built-in calibration text (``chunks`` windows of ``n_ctx`` tokens spread over it). ``mode``: "all" measures
     every candidate; "anchors" every tensor at Q2_K/Q4_K/Q6_K, the rest from the proxy; "sample" the anchors of the
     first, middle and last layer of each kind; "proxy" measures nothing; "auto": "all" up to 50M parameters,
-    "anchors" up to 500M, else "sample". The result is cached in ``cache_dir`` (default: beside the source).
+    "anchors" up to 500M, else "sample". The result is cached in ``cache_dir`` (default: beside the source); an
+    interrupted run keeps what it found there and raises :class:`Interrupted`, and the same call continues from it.
+    The quantization errors run on ``threads`` threads (default: the physical cores), one (tensor, type) each.
     ``tensors`` limits the work to those tensors (for studies of the proxy; such a result cannot plan a mix).
     """
     from .quantize import file_sha256
@@ -451,38 +457,115 @@ def sensitivity(src: str | os.PathLike, *, importances: dict[str, np.ndarray] | 
     if not groups:
         raise InputError(f"{src} has no tensor llama.cpp would quantize")
     weights_file = _Tensors(src)
-    workers = threads or llama.physical_cpu_count()
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    saved = _PartialSensitivity(partial_sensitivity_path(path), key)
+    try:
         with stage_progress(stage, "quantization error per type", "tensors") as update:
-            for i, g in enumerate(groups):
-                weights = importances.get(g.name) if importances else None
-                proxies = _proxies(weights_file, g, weights, pool)
-                g.candidates = {t: Candidate(llama.tensor_nbytes(t, g.shape), proxies[t]) for t in g.candidates}
-                if update:
-                    update(i + 1, len(groups))
+            _all_proxies(weights_file, groups, importances, threads or llama.physical_cpu_count(), saved, update)
+        for g in groups:
+            g.candidates = {t: Candidate(llama.tensor_nbytes(t, g.shape), saved.proxies[g.name][t])
+                            for t in g.candidates}
         todo = _measure_modes(groups, mode)
         n_todo = sum(len(v) for v in todo.values())
-        if n_todo:
+        left = []
+        for g in groups:
+            for t in todo.get(g.name, []):
+                g.candidates[t].measured = saved.measured.get(g.name, {}).get(t)
+                if g.candidates[t].measured is None:
+                    left.append((g, t))
+        if left:
             sample = _sample_text(src, text, n_ctx, chunks)
             with stage_progress(stage, f"KLD per tensor and type ({mode})", "measurements") as update, \
                     _scratch_file(cache) as scratch:
-                done = 0
-                for g in groups:
-                    for t in todo.get(g.name, []):
-                        _one_tensor_model(src, scratch, weights_file, g.name, t, importances, threads)
-                        r = measure.perplexity(scratch, sample, n_ctx=n_ctx, chunks=chunks, threads=threads,
-                                               n_gpu_layers=n_gpu_layers, kld_base=src)
-                        g.candidates[t].measured = max(r.kld.kld_mean, 0.0)
-                        done += 1
-                        if update:
-                            update(done, n_todo)
+                done = n_todo - len(left)
+                for g, t in left:
+                    _one_tensor_model(src, scratch, weights_file, g.name, t, importances, threads)
+                    r = measure.perplexity(scratch, sample, n_ctx=n_ctx, chunks=chunks, threads=threads,
+                                           n_gpu_layers=n_gpu_layers, kld_base=src)
+                    g.candidates[t].measured = max(r.kld.kld_mean, 0.0)
+                    saved.measured.setdefault(g.name, {})[t] = g.candidates[t].measured
+                    saved.save(time.perf_counter() - t0, force=True)
+                    done += 1
+                    if update:
+                        update(done, n_todo)
+    except KeyboardInterrupt:
+        saved.save(time.perf_counter() - t0, force=True)
+        raise Interrupted(f"the sensitivity found so far is kept in {saved.path}; the same command continues "
+                          "from it") from None
     _fit_predictions(groups)
     result = Sensitivity(str(src), model_sha256, text_name or "text", text_sha, imatrix_name, im_sha, n_ctx,
-                         chunks, mode, groups, seconds=time.perf_counter() - t0, measurements=n_todo)
+                         chunks, mode, groups, seconds=saved.seconds + time.perf_counter() - t0,
+                         measurements=n_todo)
     result.spearman = proxy_report(groups)
     with contextlib.suppress(OSError), atomic_output(path) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+    if path.is_file():
+        saved.path.unlink(missing_ok=True)
     return result
+
+
+def partial_sensitivity_path(path: Path) -> Path:
+    """Where an unfinished sensitivity keeps what it has found (removed when it completes)."""
+    return path.with_name(path.name.removesuffix(".json") + ".partial.json")
+
+
+class _PartialSensitivity:
+    """What an unfinished sensitivity run has found (every type's proxy of each finished tensor, each measured KLD),
+    saved atomically as it goes so that an interrupted run continues where it stopped. ``key`` is the cache key:
+    a file for another model, text, imatrix or mode is ignored."""
+
+    def __init__(self, path: Path, key: str, every_s: float = 5.0):
+        self.path, self.key, self.every_s = path, key, every_s
+        self.proxies: dict[str, dict[str, float]] = {}
+        self.measured: dict[str, dict[str, float]] = {}
+        self.seconds = 0.0
+        self.last_save = time.monotonic()
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if d["key"] == key:
+                self.proxies = {g: {t: float(v) for t, v in c.items()} for g, c in d["proxies"].items()}
+                self.measured = {g: {t: float(v) for t, v in c.items()} for g, c in d["measured"].items()}
+                self.seconds = float(d["seconds"])
+
+    def save(self, seconds: float = 0.0, *, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_save < self.every_s:
+            return
+        self.last_save = time.monotonic()
+        data = {"key": self.key, "seconds": self.seconds + seconds, "proxies": self.proxies, "measured": self.measured}
+        with contextlib.suppress(OSError, OutputError), atomic_output(self.path) as tmp:
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _all_proxies(tensors: _Tensors, groups: list[Group], importances: dict[str, np.ndarray] | None, workers: int,
+                 saved: _PartialSensitivity, update) -> None:
+    """Every candidate's proxy into ``saved.proxies``: one task per (tensor, type) on ``workers`` threads (ggml's
+    quantization and numpy release the GIL, so every core is busy); a tensor is saved once all its types are done."""
+    left = [g for g in groups if set(g.candidates) - set(saved.proxies.get(g.name, {}))]
+    finished = len(groups) - len(left)
+    if update:
+        update(finished, len(groups))
+    if not left:
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        tasks = {}
+        for g in left:
+            weights = importances.get(g.name) if importances else None
+            blocks, scale = _row_blocks(*g.shape)
+            for t in g.candidates:
+                tasks[pool.submit(_proxy, tensors, g.name, g.shape[1], t, weights, blocks, scale)] = g.name, t
+        found: dict[str, dict[str, float]] = {g.name: {} for g in left}
+        want = {g.name: len(g.candidates) for g in left}
+        for future in concurrent.futures.as_completed(tasks):
+            name, t = tasks[future]
+            found[name][t] = future.result()
+            if len(found[name]) == want[name]:
+                saved.proxies[name] = found.pop(name)
+                saved.save()
+                finished += 1
+                if update:
+                    update(finished, len(groups))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _quantizable(src: Path) -> dict[str, tuple[int, int]]:
@@ -677,7 +760,7 @@ def plan_mix(src: str | os.PathLike, target: Target, sens: Sensitivity, *,
     ftype = known[label].ftype
 
     metadata: dict[str, str | int] = {KV_TARGET: target.describe()[:127], KV_RECIPE: "0" * 64,
-                                      KV_PREDICTED: _fixed_width(0.0), KV_MEASURED: _fixed_width(0.0),
+                                      KV_PREDICTED: _fixed_width(0.0), KV_MEASURED: NOT_MEASURED,
                                       KV_TEXT: f"{sens.text}/ctx{sens.n_ctx}x{sens.chunks}"[:127]}
     metadata.update(imatrix_metadata or {})
     cheapest = {g.name: min(g.candidates, key=lambda t: g.candidates[t].bytes) for g in sens.groups}
@@ -710,7 +793,7 @@ def plan_mix(src: str | os.PathLike, target: Target, sens: Sensitivity, *,
         raise InputError(f"llama.cpp's quantizer would not give {wrong[0]} the type {types[wrong[0]]} "
                          f"(it plans {planned.get(wrong[0])})")
     predicted = sum(sens.group(n).candidates[t].predicted for n, t in types.items())
-    metadata[KV_PREDICTED] = _fixed_width(predicted)
+    metadata[KV_PREDICTED] = _fixed_width(predicted) if sens.calibrated else UNCALIBRATED
     plan = MixPlan(str(src), target, label, types, 0, _tensor_bytes(src, planned), n_params, predicted, metadata,
                    sens, standard)
     metadata[KV_RECIPE] = hashlib.sha256(plan.recipe_text.encode()).hexdigest()
@@ -767,8 +850,10 @@ def llama_quantize_args(plan: MixPlan, output: Path, recipe: Path, imatrix_file:
 def quantize_mix(plan: MixPlan, output: str | os.PathLike, *, importances: dict[str, np.ndarray] | None = None,
                  imatrix_file: str | None = None, text: str | None = None, threads: int | None = None,
                  n_gpu_layers: int = -1, force: bool = False, stage: Stage | None = None) -> MixResult:
-    """Quantize ``plan`` with llama.cpp, measure the file's KLD on the sensitivity text and record it, and write
-    the recipe (``.tensor-types.txt`` and ``.recipe.json``) beside it. Every file is written atomically."""
+    """Quantize ``plan`` with llama.cpp, write the recipe (``.tensor-types.txt`` and ``.recipe.json``) beside it,
+    then measure the file's KLD on the sensitivity text and record it. Every file is written atomically; once the
+    mix is complete, an interrupted check keeps it (``cl3.mix.kld_measured`` "not measured") and raises
+    :class:`Interrupted` saying so."""
     output = Path(output)
     recipe, recipe_json = recipe_paths(output)
     for path in (output, recipe, recipe_json):
@@ -780,30 +865,47 @@ def quantize_mix(plan: MixPlan, output: str | os.PathLike, *, importances: dict[
     if hashlib.sha256(text.encode()).hexdigest() != sens.text_sha256:
         raise UsageError("the text differs from the one the sensitivity was measured on")
     sample = _sample_text(src, text, sens.n_ctx, sens.chunks)
+    plan.metadata[KV_MEASURED] = NOT_MEASURED  # until the check below has run (same width as a measured value)
     with atomic_output(output) as tmp, atomic_output(recipe) as tmp_recipe, atomic_output(recipe_json) as tmp_json:
         with stage_progress(stage, f"quantizing the mix ({plan.size_bytes / 2**20:.1f} MiB)", "tensors") as update:
             llama.quantize_file(src, tmp, llama.file_types()[plan.file_type].ftype, threads=threads or 0,
                                 imatrix=importances, metadata=plan.metadata, tensor_types=plan.overrides(),
                                 progress=update)
-        with stage_progress(stage, "measuring its KLD", "chunks") as update:
-            r = measure.perplexity(tmp, sample, n_ctx=sens.n_ctx, chunks=sens.chunks, threads=threads,
-                                   n_gpu_layers=n_gpu_layers, kld_base=src, progress=update)
-        kld = r.kld.kld_mean
-        plan.metadata[KV_MEASURED] = _fixed_width(kld)
-        patch_string(tmp, KV_MEASURED, plan.metadata[KV_MEASURED])
         if tmp.stat().st_size != plan.size_bytes:
             raise InputError(f"llama.cpp wrote {tmp.stat().st_size} bytes, not the {plan.size_bytes} planned")
         tmp_recipe.write_text(plan.recipe_text, encoding="utf-8")
         args = llama_quantize_args(plan, output, recipe, imatrix_file)
-        tmp_json.write_text(json.dumps({
-            "output": str(output), "source": plan.source, "target": plan.target.describe(),
-            "file_type": plan.file_type, "size_bytes": plan.size_bytes, "bpw": plan.bpw,
-            "kld_predicted": plan.predicted_kld, "kld_measured": kld, "kld_text": plan.metadata[KV_TEXT],
-            "recipe_sha256": plan.metadata[KV_RECIPE], "imatrix": imatrix_file, "types": plan.types,
-            "metadata": plan.metadata, "llama_quantize": args, "standard_types": plan.standard,
-            "sensitivity": {"mode": sens.mode, "measurements": sens.measurements, "spearman": sens.spearman}},
-            indent=1), encoding="utf-8")
+        tmp_json.write_text(_recipe_json(plan, output, imatrix_file, None, args), encoding="utf-8")
+    # The mix is complete at its final path: the check that follows decides nothing about it, so an interrupted
+    # or failed check leaves it there, recorded as not measured.
+    try:
+        with stage_progress(stage, "measuring its KLD", "chunks") as update:
+            r = measure.perplexity(output, sample, n_ctx=sens.n_ctx, chunks=sens.chunks, threads=threads,
+                                   n_gpu_layers=n_gpu_layers, kld_base=src, progress=update)
+    except KeyboardInterrupt:
+        raise Interrupted(f"kept {output} (complete; its KLD was not measured, {KV_MEASURED} = {NOT_MEASURED!r}); "
+                          f"measure it alone with: cl3 ppl {shlex.quote(str(output))} --kld-base "
+                          f"{shlex.quote(str(src))}") from None
+    kld = r.kld.kld_mean
+    plan.metadata[KV_MEASURED] = _fixed_width(kld)
+    patch_string(output, KV_MEASURED, plan.metadata[KV_MEASURED])
+    args = llama_quantize_args(plan, output, recipe, imatrix_file)
+    with atomic_output(recipe_json) as tmp_json:
+        tmp_json.write_text(_recipe_json(plan, output, imatrix_file, kld, args), encoding="utf-8")
     return MixResult(output, plan, kld, recipe, recipe_json, args)
+
+
+def _recipe_json(plan: MixPlan, output: Path, imatrix_file: str | None, kld: float | None, args: list[str]) -> str:
+    sens = plan.sensitivity
+    return json.dumps({
+        "output": str(output), "source": plan.source, "target": plan.target.describe(),
+        "file_type": plan.file_type, "size_bytes": plan.size_bytes, "bpw": plan.bpw,
+        "kld_predicted": plan.predicted_kld if sens.calibrated else None,
+        "proxy_error_uncalibrated": None if sens.calibrated else plan.predicted_kld, "kld_measured": kld, "kld_text": plan.metadata[KV_TEXT],
+        "recipe_sha256": plan.metadata[KV_RECIPE], "imatrix": imatrix_file, "types": plan.types,
+        "metadata": plan.metadata, "llama_quantize": args, "standard_types": plan.standard,
+        "sensitivity": {"mode": sens.mode, "measurements": sens.measurements, "spearman": sens.spearman}},
+        indent=1)
 
 
 def patch_string(path: Path, key: str, value: str) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from .files import atomic_output, check_new_output, is_directory_target, output_
 from .hf import check_model_source
 from .imatrix import Imatrix, check_against_model, compute_imatrix, read_imatrix, write_imatrix
 from .metadata import read_metadata
-from .progress import Stage, stage_progress
+from .progress import Stage, duration, stage_progress
 
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 SOURCE_TYPES = {int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.F16),
@@ -182,11 +184,54 @@ def builtin_imatrix(source: Source, cache_dir: Path, *, threads: int | None = No
                 return path, True
         except InputError:
             pass
+    text = calibration.calibration_text()
+    if chunks is not None:  # windows spread over every file (language, kind) of the text, not its first N chunks
+        text = spread_calibration(source.path, chunks)
     with stage_progress(stage, "imatrix (built-in text)", "chunks") as update:
-        result = compute_imatrix(source.path, calibration.calibration_text(), dataset=dataset, threads=threads,
-                                 n_gpu_layers=n_gpu_layers, chunks=chunks, parse_special=True, progress=update)
+        result = compute_imatrix(source.path, text, dataset=dataset, threads=threads, n_gpu_layers=n_gpu_layers,
+                                 chunks=chunks, parse_special=True, progress=_say_how_long(update, chunks is None))
     write_imatrix(result.imatrix, path)
     return path, False
+
+
+def spread_calibration(model: Path, chunks: int, n_ctx: int = 512) -> str:
+    """``chunks`` windows of a little over ``n_ctx`` tokens (the model's tokenizer) spread over every file of the
+    built-in calibration text; the whole text when that is shorter."""
+    text = calibration.calibration_text()
+    with llama.Model(model, vocab_only=True) as m:
+        probe = text[:200_000]
+        per_token = len(probe) / max(1, len(m.tokenize(probe)))
+        sample = calibration.spread_windows(calibration.builtin_parts(calibration.CALIBRATION), chunks,
+                                            int(1.25 * n_ctx * per_token) + 1)
+        return sample if len(m.tokenize(sample)) >= n_ctx * chunks else text
+
+
+IMATRIX_NOTE_S = 120.0  # an imatrix expected to take longer than this says so, and how to make it shorter
+log = logging.getLogger("cl3")
+
+
+def _say_how_long(update: Callable[[int, int], None] | None, whole_text: bool) -> Callable[[int, int], None]:
+    """``update``, and a note (logger "cl3") at the first chunks done when the whole imatrix will take longer than
+    IMATRIX_NOTE_S on this machine: how long, and how to make it shorter."""
+    started = time.monotonic()
+    said = False
+
+    def progress(done: int, total: int) -> None:
+        nonlocal said
+        if update is not None:
+            update(done, total)
+        if said or done <= 0 or not total:
+            return
+        said = True
+        each = (time.monotonic() - started) / done
+        if each * total <= IMATRIX_NOTE_S:
+            return
+        fewer = max(4, min(total // 2, int(IMATRIX_NOTE_S / each)))
+        shorter = (f"--imatrix-chunks {fewer} (chunks spread over the text's languages and kinds) takes about "
+                   f"{duration(each * fewer)}, " if whole_text else "")
+        log.warning(f"the imatrix takes about {duration(each * total)} on this machine ({total} chunks of the "
+                    f"built-in text, {each:.1f} s each so far); {shorter}or give an imatrix file (--imatrix FILE)")
+    return progress
 
 
 def output_target(out: str | os.PathLike | None, n_types: int) -> tuple[Path | None, bool]:

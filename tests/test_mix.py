@@ -4,11 +4,16 @@ held-out text, and byte-identical reproduction by stock llama-quantize."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
+import sys
+import time
 
 import gguf
 import numpy as np
@@ -253,7 +258,9 @@ def test_dry_run_shows_the_plan_and_writes_nothing(tiny_llama3_gguf, tmp_path):
     before = set(tmp_path.iterdir())
     proc = run_cl3("quantize", src, "--target-size", str(size), "--measure", "proxy", "--dry-run", "-q")
     assert proc.returncode == 0, proc.stderr
-    assert "blk.0.ffn_down.weight" in proc.stdout and "predicted KLD" in proc.stdout and "Q4_K_M" in proc.stdout
+    assert "blk.0.ffn_down.weight" in proc.stdout and "Q4_K_M" in proc.stdout
+    # nothing was measured: the figures are named for what they are, no column or title says KLD
+    assert "proxy error (uncalibrated)" in proc.stdout and "KLD" not in proc.stdout
     # nothing but the sensitivity cache
     assert {p.name for p in set(tmp_path.iterdir()) - before} == {
         p.name for p in tmp_path.glob("*.sensitivity.json")} and len(list(tmp_path.glob("*.sensitivity.json"))) == 1
@@ -302,3 +309,111 @@ def test_a_quantized_source_is_refused(tiny_llama3_gguf, tmp_path):
     q8 = tmp_path / "q8.gguf"
     assert run_cl3("quantize", tiny_llama3_gguf, "Q8_0", "-o", q8, "-q").returncode == 0
     one_line_error(run_cl3("quantize", q8, "--target-size", "1GB", "-q"), "already quantized")
+
+
+def test_ctrl_c_during_the_check_keeps_the_finished_mix(trained_demo, tmp_path):
+    """SIGINT once the mix is at its final path (during the KLD check that follows): the file stays, complete and
+    loadable, its metadata saying the check did not run, and the message says so and how to run the check alone."""
+    f16, _ = trained_demo(1)
+    src = tmp_path / f16.name
+    src.symlink_to(f16)
+    out = tmp_path / "m.gguf"
+    child = subprocess.Popen([sys.executable, "-m", "cl3", "quantize", src, "--target-bpw", "5", "--measure", "proxy",
+                              "--sensitivity-chunks", "48", "-o", out, "-q"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=os.environ | {"COLUMNS": "200"})
+    deadline = time.monotonic() + 300
+    while not out.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert out.is_file() and f"kept {out}" in stderr and f"cl3 ppl {out} --kld-base {src}" in " ".join(stderr.split())
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted: kept {out}") and "Traceback" not in stderr, stderr
+    assert mix.read_mix_metadata(out)[mix.KV_MEASURED] == mix.NOT_MEASURED
+    recipe, recipe_json = mix.recipe_paths(out)
+    data = json.loads(recipe_json.read_text())
+    assert data["kld_measured"] is None and data["size_bytes"] == out.stat().st_size and recipe.is_file()
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name in data["types"]} == \
+        data["types"]
+    with llama.Model(out) as m:  # llama.cpp loads it
+        assert len(m.tokenize("hello")) > 0
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_an_interrupted_sensitivity_continues_from_its_cache(trained_demo, tmp_path):
+    """Ctrl-C in the quantization errors, then in the measurements: each rerun continues from what was saved
+    (nothing found is redone) and the result equals an uninterrupted run's."""
+    from cl3.errors import Interrupted
+
+    f16, imatrix = trained_demo(1)
+    im = read_imatrix(imatrix).importances()
+    names = {"blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight",
+             "output.weight"}
+    args = dict(importances=im, mode="anchors", chunks=1, threads=2, tensors=names, model_sha256="0" * 64)
+    (tmp_path / "whole").mkdir()
+    whole = mix.sensitivity(f16, cache_dir=tmp_path / "whole", **args)
+    n_measured = sum(c.measured is not None for g in whole.groups for c in g.candidates.values())
+    assert n_measured == 15
+
+    def stopping(at: dict[str, int], seen: dict[str, list[int]]):
+        """A stage that records every update and raises KeyboardInterrupt at ``at[stage]`` done."""
+        @contextlib.contextmanager
+        def stage(description: str, unit: str):
+            key = description.split()[0]
+
+            def update(done: int, total: int) -> None:
+                seen.setdefault(key, []).append(done)
+                if done >= at.get(key, total + 1):
+                    raise KeyboardInterrupt
+            yield update
+        return stage
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    seen: dict[str, list[int]] = {}
+    with pytest.raises(Interrupted, match="continues"):
+        mix.sensitivity(f16, cache_dir=cache, stage=stopping({"quantization": 2}, seen), **args)
+    partial = list(cache.glob("*.sensitivity.partial.json"))
+    assert len(partial) == 1 and not list(cache.glob("*.sensitivity.json"))
+    assert 2 <= len(json.loads(partial[0].read_text())["proxies"]) < len(names)
+    seen.clear()
+    with pytest.raises(Interrupted):
+        mix.sensitivity(f16, cache_dir=cache, stage=stopping({"KLD": 4}, seen), **args)
+    assert seen["quantization"][0] >= 2          # the saved tensors were not quantized again
+    assert seen["KLD"] == [1, 2, 3, 4]
+    seen.clear()
+    resumed = mix.sensitivity(f16, cache_dir=cache, stage=stopping({}, seen), **args)
+    assert seen["quantization"] == [len(names)]  # nothing left to do
+    assert seen["KLD"][0] == 5 and seen["KLD"][-1] == n_measured
+    assert not list(cache.glob("*.partial.json")) and len(list(cache.glob("*.sensitivity.json"))) == 1
+    for a, b in zip(whole.groups, resumed.groups, strict=True):
+        assert a.name == b.name and a.candidates.keys() == b.candidates.keys()
+        for t in a.candidates:
+            x, y = a.candidates[t], b.candidates[t]
+            assert (x.bytes, x.proxy, x.measured) == (y.bytes, y.proxy, y.measured), (a.name, t)
+            assert x.predicted == pytest.approx(y.predicted, rel=1e-12)
+
+
+def test_a_plan_says_kld_only_when_calibrated_against_a_measurement(tiny_llama3_gguf, tmp_path):
+    """A proxy-only plan prints no KLD (its figures are squared errors, recorded as uncalibrated); a plan with
+    measured tensors prints predicted KLDs, and its figures are measured KLDs where measured."""
+    src = tmp_path / "tiny.gguf"
+    src.symlink_to(tiny_llama3_gguf)
+    proxy = run_cl3("quantize", src, "--target-bpw", "5", "--measure", "proxy", "-o", tmp_path / "p.gguf")
+    assert proxy.returncode == 0, proxy.stderr
+    table = proxy.stdout.split("wrote")[0]
+    assert "KLD" not in table and "proxy error (uncalibrated)" in table
+    assert "not predicted" in proxy.stdout
+    assert mix.read_mix_metadata(tmp_path / "p.gguf")[mix.KV_PREDICTED] == mix.UNCALIBRATED
+    data = json.loads(mix.recipe_paths(tmp_path / "p.gguf")[1].read_text())
+    assert data["kld_predicted"] is None and data["proxy_error_uncalibrated"] > 0
+    measured = run_cl3("quantize", src, "--target-bpw", "5", "--measure", "anchors", "--sensitivity-chunks", "2",
+                       "--dry-run")
+    assert measured.returncode == 0, measured.stderr
+    assert "predicted KLD" in measured.stdout and "proxy error" not in measured.stdout
+    sens = mix.Sensitivity.from_dict(json.loads(next(
+        p for p in tmp_path.glob("*.sensitivity.json") if '"anchors"' in p.read_text()).read_text()))
+    assert sens.calibrated
+    g = sens.group("blk.0.ffn_down.weight")
+    assert g.candidates["Q4_K"].predicted == g.candidates["Q4_K"].measured  # the figure printed is the KLD measured

@@ -4,6 +4,7 @@ own llama-quantize when the reference tools are present."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 
@@ -292,3 +293,41 @@ def test_a_mistyped_type_gets_a_did_you_mean(typed, meant, tmp_path):
 def test_an_unrecognisable_type_lists_the_known_ones(tmp_path):
     line = one_line_error(run_cl3("quantize", tmp_path / "model-F16.gguf", "XYZ"), "unknown quantization type 'XYZ'")
     assert "did you mean" not in line and "Q4_K_M" in line and "IQ2_XXS" in line
+
+
+def test_a_shorter_builtin_imatrix_spreads_its_chunks_over_every_calibration_file(tiny_llama3_gguf, tmp_path):
+    """--imatrix-chunks N: N windows spread over the built-in text's files (languages, kinds), not its first N
+    chunks (the first file alone); the imatrix is the one computed on those windows."""
+    from importlib import resources
+
+    from cl3 import calibration
+    from cl3.imatrix import compute_imatrix, read_imatrix
+    from cl3.quantize import Source, builtin_imatrix, spread_calibration
+
+    text = calibration.calibration_text()
+    sample = spread_calibration(tiny_llama3_gguf, 5)
+    folder = resources.files("cl3") / "data" / "calibration"
+    for f in sorted(p for p in folder.iterdir() if p.name.endswith(".txt")):
+        paragraphs = [p for p in f.read_text(encoding="utf-8").split("\n\n") if len(p) > 40]
+        assert any(p in sample for p in paragraphs), f.name
+    path, reused = builtin_imatrix(Source.open(tiny_llama3_gguf), tmp_path, chunks=5)
+    got = read_imatrix(path)
+    dataset = calibration.builtin_name(calibration.CALIBRATION)
+    spread = compute_imatrix(tiny_llama3_gguf, sample, dataset=dataset, chunks=5, parse_special=True).imatrix
+    first = compute_imatrix(tiny_llama3_gguf, text, dataset=dataset, chunks=5, parse_special=True).imatrix
+    name = "blk.0.ffn_down.weight"
+    assert not reused and got.chunk_count == 5
+    assert np.allclose(got.entries[name].sums, spread.entries[name].sums, rtol=1e-6)
+    assert not np.allclose(got.entries[name].sums, first.entries[name].sums, rtol=1e-3)
+
+
+def test_a_long_builtin_imatrix_says_how_long_and_how_to_shorten_it(tiny_llama3_gguf, tmp_path, monkeypatch, caplog):
+    """Timed on the first chunks: a note with the whole imatrix's time on this machine and a shorter choice (the
+    threshold lowered so that the tiny model's imatrix counts as long)."""
+    from cl3 import quantize as q
+
+    monkeypatch.setattr(q, "IMATRIX_NOTE_S", 0.0)
+    with caplog.at_level(logging.WARNING, logger="cl3"):
+        q.builtin_imatrix(q.Source.open(tiny_llama3_gguf), tmp_path)
+    notes = [r.getMessage() for r in caplog.records if "the imatrix takes about" in r.getMessage()]
+    assert len(notes) == 1 and "on this machine" in notes[0] and "--imatrix-chunks" in notes[0], notes

@@ -120,19 +120,41 @@ def _root(
 
 
 class LazyProgress(Progress):
-    """A Rich Progress shown from its first update on, so an error found before any work prints no empty bar."""
+    """A Rich Progress shown from its first update on, so an error found before any work prints no empty bar.
+    When stderr is not a terminal (a log, CI) it prints plain lines instead (cl3.progress.ProgressLines): one as
+    each task starts, periodic ones with the time left, one as it ends."""
 
     def __enter__(self) -> LazyProgress:
+        self._lines: dict = {}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.live.is_started:
             self.stop()
+        for lines in getattr(self, "_lines", {}).values():
+            lines.close(failed=exc_type is not None)
 
-    def update(self, *args, **kwargs) -> None:
-        if not self.live.is_started:
-            self.start()
-        super().update(*args, **kwargs)
+    def update(self, task_id, *args, **kwargs) -> None:
+        if self.disable or self.console.is_terminal:
+            if not self.live.is_started:
+                self.start()
+            super().update(task_id, *args, **kwargs)
+            return
+        super().update(task_id, *args, **kwargs)
+        task = self._tasks[task_id]
+        lines = self._lines.get(task_id) if hasattr(self, "_lines") else None
+        if lines is None:
+            from ..progress import ProgressLines
+
+            unit = "bytes" if any(isinstance(c, DownloadColumn) for c in self.columns) else ""
+            lines = ProgressLines(task.description or "working", self._print_line, unit=unit)
+            if hasattr(self, "_lines"):
+                self._lines[task_id] = lines
+        if "completed" in kwargs or "total" in kwargs:
+            lines.update(task.completed, task.total)
+
+    def _print_line(self, line: str) -> None:
+        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

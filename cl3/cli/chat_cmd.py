@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..chat import ChatModel, ConversationStore, Message, SamplingParams, default_system_prompt
-from ..llama import check_gguf_path
 from .app import app, err
 from .options import GpuLayers, Threads
+
+if TYPE_CHECKING:
+    from ..chat import SamplingParams
 
 
 @app.command()
@@ -36,6 +37,10 @@ def chat(
                                       "name (chinese-alpaca-2, llama-3-instruct, llama-2-chat, chatml) or a Jinja file."),
 ) -> None:
     """Chat with a GGUF model in a terminal UI, using the model's own chat template."""
+    # imported here, not at the top: every cl3 command imports this module, and cl3.chat pulls in jinja2 and gguf
+    from ..chat import ConversationStore, SamplingParams, default_system_prompt
+    from ..llama import check_gguf_path
+
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed).validate()
     check_gguf_path(model)
@@ -67,6 +72,8 @@ def chat(
 
 def _one_reply(model_path: Path, prompt: str, system: str, sampling: SamplingParams, n_ctx: int, n_gpu_layers: int,
                threads: int | None, chat_template: str | None) -> None:
+    from ..chat import ChatModel, Message
+
     model = ChatModel(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, chat_template=chat_template)
     reply = model.reply(system, [Message("user", prompt)], sampling)
     for piece in reply:

@@ -103,7 +103,9 @@ def quantize(
         out.print(f"wrote {path} ({path.stat().st_size / 1024**2:.1f} MiB)", highlight=False, soft_wrap=True)
     if result.mix is not None:
         m = result.mix
-        out.print(f"measured KLD {m.measured_kld:.5f} (predicted {m.plan.predicted_kld:.5f}) on "
+        predicted = (f"predicted {m.plan.predicted_kld:.5f}" if m.plan.sensitivity.calibrated else
+                     "not predicted: the plan used the uncalibrated proxy")
+        out.print(f"measured KLD {m.measured_kld:.5f} ({predicted}) on "
                   f"{m.plan.metadata['cl3.mix.kld_text']}", highlight=False, soft_wrap=True)
         out.print(f"wrote {m.recipe} and {m.recipe_json}; stock llama.cpp makes the same file with:",
                   highlight=False, soft_wrap=True)
@@ -121,19 +123,25 @@ def print_plan(plan) -> None:
     from ..mix import describe_plan
 
     s = plan.sensitivity
-    t = Table(title=f"mix for {plan.target.label}: {_size(plan.size_bytes)}, {plan.bpw:.2f} BPW, predicted KLD "
-                    f"{plan.predicted_kld:.5f} (sensitivity: {s.mode}, {s.measurements} measurements)")
-    for col in ("tensor", "type", "size", "predicted KLD"):
+    # Without any measured tensor the figures are the raw proxy (a squared error), not a KL divergence: named so.
+    figure = "predicted KLD" if s.calibrated else "proxy error (uncalibrated)"
+    t = Table(title=f"mix for {plan.target.label}: {_size(plan.size_bytes)}, {plan.bpw:.2f} BPW, {figure} "
+                    f"{plan.predicted_kld:.5g} (sensitivity: {s.mode}, {s.measurements} measurements)")
+    for col in ("tensor", "type", "size", figure):
         t.add_column(col, justify="left" if col in ("tensor", "type") else "right")
     for row in describe_plan(plan):
         t.add_row(row["tensor"], row["type"], _size(row["bytes"]),
-                  f"{row['predicted_kld']:.5f}" + ("" if row["measured"] else "*"))
+                  f"{row['predicted_kld']:.5g}" + ("" if row["measured"] or not s.calibrated else "*"))
     out.print(t)
     std = Table(title="llama.cpp's types on the same sensitivity")
-    for col in ("type", "size", "BPW", "predicted KLD"):
+    for col in ("type", "size", "BPW", figure):
         std.add_column(col, justify="left" if col == "type" else "right")
     for name, v in plan.standard.items():
         kld = v["predicted_kld"]
-        std.add_row(name, _size(v["size_bytes"]), f"{v['bpw']:.2f}", "" if kld is None else f"{kld:.5f}")
+        std.add_row(name, _size(v["size_bytes"]), f"{v['bpw']:.2f}", "" if kld is None else f"{kld:.5g}")
     out.print(std)
-    out.print("[dim]* predicted from the quantization error (not measured for this type)[/]")
+    if s.calibrated:
+        out.print("[dim]* predicted from the quantization error (not measured for this type)[/]")
+    else:
+        out.print("[dim]proxy error: the imatrix-weighted squared quantization error, which ranks the choices but is "
+                  "no KL divergence (nothing was measured; --measure sample calibrates it on a few tensors)[/]")
