@@ -1,0 +1,292 @@
+"""cl3 eval against independent references on real tiny models.
+
+- The prompt text: a port of the authors' own prompt building (ymcui/Chinese-LLaMA-Alpaca-3, scripts/ceval and
+  scripts/cmmlu llama_evaluator.py; scripts/mmlu/eval.py = hendrycks/test), reading the CSVs with pandas as they do.
+- The choice scores: a plain llama-cpp-python ``Llama(logits_all=True)`` evaluation of the same prompt.
+- The answers: the authors' scorer ported onto transformers' own ``generate`` (torch, CPU) of the same checkpoint
+  the F32 GGUF was converted from, with their GenerationConfig (repetition penalty 1.1, processed scores).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cl3.errors import Cl3Error, Interrupted
+from cl3.evaluation.prompts import build_prompt, chat_messages
+from cl3.evaluation.run import EvalRequest, evaluate, load_run
+from cl3.evaluation.tasks import read_questions, split_file, task_info
+
+from .conftest import one_line_error, run_cl3
+from .eval_data import write_ceval, write_cmmlu, write_mmlu
+
+CEVAL_SUBJECTS = ["computer_network", "mao_zedong_thought"]
+CMMLU_SUBJECTS = ["agronomy", "chinese_history"]
+MMLU_SUBJECTS = ["college_biology", "abstract_algebra"]
+
+
+@pytest.fixture(scope="module")
+def exams(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exams")
+    return {"ceval": write_ceval(root / "ceval", CEVAL_SUBJECTS, n_val=8),
+            "cmmlu": write_cmmlu(root / "cmmlu", CMMLU_SUBJECTS),
+            "mmlu": write_mmlu(root / "mmlu", MMLU_SUBJECTS)}
+
+
+# --- the authors' prompt building, transcribed (their code, pandas included) ------------------------------------
+
+CHOICES = ["A", "B", "C", "D"]
+AUTHORS_SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
+CEVAL_SYSTEM_FORMAT = '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>'
+CMMLU_SYSTEM_FORMAT = '<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>'
+USER_FORMAT = ('<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>'
+               '<|start_header_id|>assistant<|end_header_id|>\n\n')
+ASSISTANT_FORMAT = '{content}<|eot_id|>'
+
+
+def authors_zh_prompts(task: str, subject_name: str, dev_df, test_df, k: int, with_prompt: bool) -> list[str]:
+    """Chinese-LLaMA-Alpaca-3 scripts/{ceval,cmmlu}/llama_evaluator.py: eval_subject's instruction per row."""
+    q_col, a_col = ("question", "answer") if task == "ceval" else ("Question", "Answer")
+    system_format = CEVAL_SYSTEM_FORMAT if task == "ceval" else CMMLU_SYSTEM_FORMAT
+    begin = "<|begin_of_text|>" if task == "ceval" else ""
+
+    def format_example(line, few_shot=False):
+        example = line[q_col]
+        for choice in CHOICES:
+            example += f'\n{choice}. {line[f"{choice}"]}'
+        if few_shot:
+            example += '\n答案：' + line[a_col] + '\n\n'
+        else:
+            example += '\n答案：'
+        return example
+
+    few_shot = k > 0
+    history = f"以下是中国关于{subject_name}考试的单项选择题，请选出其中的正确答案。\n\n"
+    if few_shot:
+        if with_prompt:
+            prompt_template = (
+                begin + "<|start_header_id|>system<|end_header_id|>\n\n{system_prompt}<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\n{instruction}<|eot_id|><|start_header_id|>assistant"
+                "<|end_header_id|>\n\n好的，我会结合{subject}相关知识回答<|eot_id|>")
+            prompt = prompt_template.format_map({'instruction': history, 'system_prompt': AUTHORS_SYSTEM_PROMPT,
+                                                 'subject': subject_name})
+            for i in range(k):
+                line = dev_df.iloc[i, :]
+                q = line[q_col]
+                for choice in CHOICES:
+                    q += f'\n{choice}. {line[f"{choice}"]}'
+                a = line[a_col]
+                q += "\n答案："
+                prompt += USER_FORMAT.format(content=q) + ASSISTANT_FORMAT.format(content=a)
+            history = prompt
+        else:
+            prompt = history
+            for i in range(k):
+                prompt += format_example(dev_df.iloc[i, :], few_shot=True)
+            history = prompt
+    out = []
+    for _, row in test_df.iterrows():
+        question = format_example(row, few_shot=False)
+        instruction = history + question
+        if with_prompt:
+            if few_shot:
+                instruction = history + USER_FORMAT.format_map({'content': question})
+            else:
+                instruction = (system_format.format(content=AUTHORS_SYSTEM_PROMPT)
+                               + USER_FORMAT.format_map({'content': instruction}))
+        out.append(instruction)
+    return out
+
+
+def authors_mmlu_prompts(subject: str, dev_df, test_df, k: int) -> list[str]:
+    """hendrycks/test evaluate.py (Chinese-LLaMA-Alpaca-3 scripts/mmlu/eval.py): gen_prompt + format_example."""
+    def format_subject(subject):
+        line = subject.split("_")
+        s = ""
+        for entry in line:
+            s += " " + entry
+        return s
+
+    def format_example(df, idx, include_answer=True):
+        prompt = df.iloc[idx, 0]
+        kk = df.shape[1] - 2
+        for j in range(kk):
+            prompt += "\n{}. {}".format(CHOICES[j], df.iloc[idx, j + 1])
+        prompt += "\nAnswer:"
+        if include_answer:
+            prompt += " {}\n\n".format(df.iloc[idx, kk + 1])
+        return prompt
+
+    def gen_prompt(train_df, subject, k=-1):
+        prompt = "The following are multiple choice questions (with answers) about {}.\n\n".format(
+            format_subject(subject))
+        if k == -1:
+            k = train_df.shape[0]
+        for i in range(k):
+            prompt += format_example(train_df, i)
+        return prompt
+
+    return [gen_prompt(dev_df, subject, k) + format_example(test_df, i, include_answer=False)
+            for i in range(test_df.shape[0])]
+
+
+def cl3_prompts(root: Path, task: str, subject: str, split: str, shots: int, chat=None) -> list[str]:
+    info = task_info(task)
+    dev = read_questions(split_file(root, task, subject, "dev"), task, subject)[:shots]
+    questions = read_questions(split_file(root, task, subject, split), task, subject)
+    return [build_prompt(info, info.subjects[subject], dev, q, chat) for q in questions]
+
+
+@pytest.mark.parametrize("shots", [0, 5])
+def test_prompts_equal_the_authors_byte_for_byte(exams, shots):
+    import pandas as pd
+
+    checked = 0
+    for task, subjects, splits in (("ceval", CEVAL_SUBJECTS, ("dev", "val")), ("cmmlu", CMMLU_SUBJECTS, ("dev", "test")),
+                                   ("mmlu", MMLU_SUBJECTS, ("dev", "val"))):
+        root = exams[task]
+        for subject in subjects:
+            for split in splits:
+                header = None if task == "mmlu" else "infer"
+                dev_df = pd.read_csv(split_file(root, task, subject, "dev"), header=header)
+                test_df = pd.read_csv(split_file(root, task, subject, split), header=header)
+                if task == "mmlu":
+                    expected = authors_mmlu_prompts(subject, dev_df[:shots], test_df, shots)
+                    assert cl3_prompts(root, task, subject, split, shots) == expected
+                    checked += len(expected)
+                    continue
+                name = task_info(task).subjects[subject].name
+                for with_prompt in (False, True):
+                    expected = authors_zh_prompts(task, name, dev_df, test_df, shots, with_prompt)
+                    got = cl3_prompts(root, task, subject, split, shots, "alpaca3" if with_prompt else None)
+                    assert got == expected, (task, subject, split, with_prompt)
+                    checked += len(expected)
+    assert checked > 100
+    # the data exercised pandas' readings: a numbers-only option column and an NA cell
+    sample = "".join(cl3_prompts(exams["ceval"], "ceval", CEVAL_SUBJECTS[0], "val", shots))
+    assert "\nD. nan" in sample or "nan" in "".join(cl3_prompts(exams["ceval"], "ceval", CEVAL_SUBJECTS[1], "val", 0))
+
+
+def test_subject_tables():
+    ceval, cmmlu, mmlu = task_info("ceval"), task_info("cmmlu"), task_info("mmlu")
+    assert len(ceval.subjects) == 52 and len(cmmlu.subjects) == 67 and len(mmlu.subjects) == 57
+    assert ceval.categories == ("STEM", "Social Science", "Humanities", "Other")
+    assert {s.categories[0] for s in ceval.subjects.values()} == set(ceval.categories)
+    assert [sum(s.categories[0] == c for s in ceval.subjects.values()) for c in ceval.categories] == [20, 10, 11, 11]
+    assert len(ceval.hard) == 8 and set(ceval.hard) <= set(ceval.subjects)
+    assert ceval.subjects["computer_network"].name == "计算机网络"
+    assert cmmlu.subjects["chinese_history"].categories == ("Humanities", "China specific")
+    assert mmlu.subjects["college_biology"].categories == ("STEM",)
+
+
+# --- scores and answers against independent evaluations ------------------------------------------------------------
+
+def _run(model, data, tmp_path, **kw) -> dict:
+    name = "-".join(f"{k}{v}" for k, v in kw.items())
+    run = evaluate(EvalRequest(Path(model), task=str(data), output=tmp_path / f"{name}.json", force=True,
+                               n_ctx=4096, **kw))
+    return run
+
+
+def _prompt_texts(data: Path, task: str, shots: int, split: str, template) -> dict[str, str]:
+    out = {}
+    for subject in sorted(p.name for p in (data / "dev").iterdir()):
+        key = subject.removesuffix(".csv").removesuffix("_dev")
+        for i, text in enumerate(cl3_prompts(data, task, key, split, shots, template)):
+            out[f"{key}/{i}"] = text
+    return out
+
+
+def _penalised(logits: np.ndarray, prompt: list[int], ids: list[int], penalty: float) -> np.ndarray:
+    """transformers' RepetitionPenaltyLogitsProcessor on the chosen ids."""
+    values = logits[ids].astype(np.float32)
+    seen = np.isin(ids, prompt)
+    return np.where(seen, np.where(values < 0, values * np.float32(penalty), values / np.float32(penalty)), values)
+
+
+@pytest.mark.parametrize("task", ["ceval", "mmlu"])
+def test_choice_scores_equal_llama_cpp_python(tiny_llama3_gguf, exams, tmp_path, task):
+    from llama_cpp import Llama
+
+    split = "val"
+    run = _run(tiny_llama3_gguf, exams[task], tmp_path, shots=5, split=split)
+    llm = Llama(model_path=str(tiny_llama3_gguf), n_ctx=4096, n_batch=512, logits_all=True, verbose=False)
+    tok = lambda text, bos: llm.tokenize(text.encode(), add_bos=bos, special=True)  # noqa: E731
+    if task == "mmlu":
+        first, second, penalty = [tok(c, True)[-1] for c in CHOICES], None, 1.0
+    else:
+        first, second, penalty = [tok(c, False)[0] for c in CHOICES], [tok("：" + c, True)[-1] for c in CHOICES], 1.1
+    texts = _prompt_texts(exams[task], task, 5, split, None)
+    assert set(texts) == set(run.answers)
+    for key in list(texts)[::3]:
+        prompt = tok(texts[key], True)
+        llm.reset()
+        llm.eval(prompt)
+        logits = np.array(llm.scores[len(prompt) - 1], dtype=np.float32)
+        expected = _penalised(logits, prompt, first, penalty)
+        if second is not None:
+            expected = expected + _penalised(logits, prompt, second, penalty)
+        np.testing.assert_allclose(run.answers[key]["scores"], expected, atol=1e-4, err_msg=key)
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama3):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama3.path, torch_dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama3.path)
+
+
+def authors_answer(model, tokenizer, instruction: str) -> tuple[str, np.ndarray]:
+    """Their eval_subject's constrained decoding, on transformers' generate (scores: processed, /temperature)."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(temperature=0.2, top_k=0, top_p=1.0, do_sample=True, num_beams=1,
+                              repetition_penalty=1.1, max_new_tokens=1, output_scores=True,
+                              return_dict_in_generate=True)
+    s_ids = [tokenizer.encode(c, add_special_tokens=False)[0] for c in CHOICES]
+    ids = [tokenizer.encode("：" + c)[-1] for c in CHOICES]
+    inputs = tokenizer(instruction, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                             generation_config=config)
+    logits = out.scores[0][0].float()
+    scores = (logits[s_ids] + logits[ids]).numpy()
+    return {0: "A", 1: "B", 2: "C", 3: "D"}[int(np.argmax(scores))], scores
+
+
+@pytest.mark.parametrize("shots,template", [(0, "none"), (5, "none"), (0, "alpaca3"), (5, "alpaca3"),
+                                            (5, "model")])
+def test_answers_equal_the_authors_scorer_on_transformers(tiny_llama3_gguf, hf_model, exams, tmp_path, shots,
+                                                          template):
+    model, tokenizer = hf_model
+    run = _run(tiny_llama3_gguf, exams["ceval"], tmp_path, shots=shots, template=template)
+    chat = None if template == "none" else template
+    if template == "model":  # transformers renders the checkpoint's own template (cl3: the GGUF's, through Jinja)
+        info, root = task_info("ceval"), exams["ceval"]
+        texts = {}
+        for subject in CEVAL_SUBJECTS:
+            dev = read_questions(split_file(root, "ceval", subject, "dev"), "ceval", subject)[:shots]
+            for q in read_questions(split_file(root, "ceval", subject, "val"), "ceval", subject):
+                messages = chat_messages(info, info.subjects[subject], dev, q)
+                texts[q.key] = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        texts = _prompt_texts(exams["ceval"], "ceval", shots, "val", chat)
+    compared = 0
+    for key, text in texts.items():
+        mine = np.array(run.answers[key]["scores"])
+        top = np.sort(mine)[::-1]
+        answer, scores = authors_answer(model, tokenizer, text)
+        np.testing.assert_allclose(scores * 0.2, mine, atol=2e-3, err_msg=key)
+        if top[0] - top[1] > 1e-3:
+            assert run.answers[key]["predicted"] == answer, key
+            compared += 1
+    assert compared >= len(texts) // 2
