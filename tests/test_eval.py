@@ -290,3 +290,69 @@ def test_answers_equal_the_authors_scorer_on_transformers(tiny_llama3_gguf, hf_m
             assert run.answers[key]["predicted"] == answer, key
             compared += 1
     assert compared >= len(texts) // 2
+
+
+# --- prefix reuse and batching, resuming, the command line ---------------------------------------------------------
+
+def test_prefix_reuse_and_batching_change_no_answer(tiny_llama3_gguf, exams, tmp_path):
+    runs = [_run(tiny_llama3_gguf, exams["ceval"], tmp_path, shots=5, reuse_prefix=reuse, n_parallel=par)
+            for reuse, par in ((False, 1), (True, 1), (True, 4), (False, 16), (True, 16))]
+    base = runs[0].answers
+    for run in runs[1:]:
+        assert {k: a["predicted"] for k, a in run.answers.items()} == {k: a["predicted"] for k, a in base.items()}
+        for k, a in run.answers.items():
+            np.testing.assert_allclose(a["scores"], base[k]["scores"], atol=1e-4)
+
+
+def test_interrupted_run_continues(tiny_llama3_gguf, exams, tmp_path):
+    out = tmp_path / "run.json"
+    request = EvalRequest(tiny_llama3_gguf, task=str(exams["ceval"]), shots=5, output=out, n_parallel=2)
+    calls = []
+
+    def stop_after_some(done: int, total: int) -> None:
+        calls.append(done)
+        if done >= 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="5 of 16 questions scored"):
+        evaluate(request, progress=stop_after_some)
+    kept = load_run(out)
+    assert len(kept.answers) == 5 and kept.summary is None
+    seen = []
+    run = evaluate(request, progress=lambda done, total: seen.append(done))
+    assert seen[0] == 5 and len(run.answers) == 16
+    whole = _run(tiny_llama3_gguf, exams["ceval"], tmp_path, shots=5)
+    assert {k: a["predicted"] for k, a in run.answers.items()} == {k: a["predicted"] for k, a in whole.answers.items()}
+    # another request must not mix its answers into this file
+    with pytest.raises(Cl3Error, match="other settings"):
+        evaluate(EvalRequest(tiny_llama3_gguf, task=str(exams["ceval"]), shots=0, output=out))
+
+
+def test_cli_eval_json_and_baseline(tiny_llama3_gguf, tiny_llama3_gguf_f16, exams, tmp_path):
+    out = tmp_path / "f32.json"
+    proc = run_cl3("eval", tiny_llama3_gguf, "--task", exams["mmlu"], "--shots", "5", "--split", "val", "-o", out,
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["summary"]["overall"]["n"] == 12 and len(result["answers"]) == 12
+    assert json.loads(out.read_text())["answers"] == result["answers"]
+    proc = run_cl3("eval", tiny_llama3_gguf_f16, "--task", exams["mmlu"], "--shots", "5", "--split", "val",
+                   "-o", tmp_path / "f16.json", "--baseline", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "flip rate" in proc.stdout and "all (over questions)" in proc.stdout
+
+
+def test_bad_inputs_get_one_line(tiny_llama3_gguf, exams, tmp_path):
+    bad = tmp_path / "bad"
+    write_ceval(bad, ["logic"])
+    with open(bad / "val" / "logic_val.csv", "a", encoding="utf-8") as f:
+        f.write("99,a question,1,2,3\n")
+    one_line_error(run_cl3("eval", tiny_llama3_gguf, "--task", bad, "-o", tmp_path / "a.json"), "row 7 has 5 fields")
+    one_line_error(run_cl3("eval", tiny_llama3_gguf, "--task", exams["ceval"], "--subjects", "chemistry",
+                           "-o", tmp_path / "b.json"), "no subject 'chemistry'")
+    one_line_error(run_cl3("eval", tiny_llama3_gguf, "--task", exams["ceval"], "--split", "test",
+                           "-o", tmp_path / "c.json"), "use the val split")
+    one_line_error(run_cl3("eval", tiny_llama3_gguf, "--task", tmp_path / "nowhere", "-o", tmp_path / "d.json"),
+                   "unknown task")
+    one_line_error(run_cl3("eval", tiny_llama3_gguf, "--task", exams["cmmlu"], "--split", "val",
+                           "-o", tmp_path / "e.json"), "CMMLU has no val split")

@@ -191,7 +191,6 @@ def _chat(request: EvalRequest, model: Model) -> ChatRenderer | str | None:
 
 
 def _score(request: EvalRequest, info: TaskInfo, work, run: EvalRun, total: int, progress: Progress | None) -> None:
-    t0 = time.perf_counter()
     seconds0 = run.seconds
     last_save = [time.monotonic()]
     done = [total - sum(1 for _, _, qs in work for q in qs if q.key not in run.answers)]
@@ -202,6 +201,7 @@ def _score(request: EvalRequest, info: TaskInfo, work, run: EvalRun, total: int,
         chat = _chat(request, model)
         choice_tokens = ChoiceTokens.of(model, info.language)
         scorer = Scorer(ctx, choice_tokens, n_parallel=request.n_parallel, reuse_prefix=request.reuse_prefix)
+        t0 = time.perf_counter()
         if progress:
             progress(done[0], total)
         try:

@@ -118,6 +118,10 @@ def split_file(root: Path, layout: str, subject: str, split: str) -> Path:
 
 def subjects_in(root: Path, layout: str, split: str) -> list[str]:
     """The subjects whose ``split`` file the folder holds, sorted."""
+    if layout == "cmmlu" and split == "val":
+        split_file(root, layout, "", split)  # the clear message
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}: choose {', '.join(SPLITS)}", param="split")
     folder = root / split
     if not folder.is_dir():
         raise InputError(f"{root} has no {split}/ folder", param="split")
