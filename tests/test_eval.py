@@ -356,3 +356,25 @@ def test_bad_inputs_get_one_line(tiny_llama3_gguf, exams, tmp_path):
                    "unknown task")
     one_line_error(run_cl3("eval", tiny_llama3_gguf, "--task", exams["cmmlu"], "--split", "val",
                            "-o", tmp_path / "e.json"), "CMMLU has no val split")
+
+
+def test_demo_model_answers_its_own_text_and_quantization_flips_answers(trained_demo, tmp_path):
+    from cl3.evaluation.run import compare
+    from cl3.quantize import quantize
+
+    from .eval_learnable import write_learnable_set
+
+    f16, _ = trained_demo(1)
+    data = write_learnable_set(tmp_path / "learnable", f16.parent / "hf" / "tokenizer.json")
+    runs = {}
+    for name in ("F16", "Q8_0", "Q2_K"):
+        model = f16 if name == "F16" else quantize(f16, name, out=tmp_path / f"demo-{name}.gguf").outputs[0]
+        runs[name] = evaluate(EvalRequest(model, task=str(data), shots=0, output=tmp_path / f"{name}.json"))
+    n = runs["F16"].summary.overall.n
+    assert n >= 30
+    assert runs["F16"].summary.overall.accuracy > 0.6  # chance: 0.25
+    near, far = compare(runs["Q8_0"], runs["F16"]), compare(runs["Q2_K"], runs["F16"])
+    assert far["flips"] > 0 and far["flips"] > near["flips"]
+    assert far["difference"] < -2 * far["se"]  # the paired test sees Q2_K's loss
+    assert far["flips"] == sum(runs["Q2_K"].answers[k]["predicted"] != a["predicted"]
+                               for k, a in runs["F16"].answers.items())

@@ -44,14 +44,18 @@ def subject_phrase(info: TaskInfo, subject: Subject) -> str:
 
 
 def header(info: TaskInfo, subject: Subject) -> str:
+    if info.header is not None:
+        return info.header.replace("{subject}", subject_phrase(info, subject))
     return (EN_HEADER if info.language == "en" else ZH_HEADER).format(subject=subject_phrase(info, subject))
 
 
 def format_question(info: TaskInfo, q: Question, *, with_answer: bool) -> str:
     text = q.question + "".join(f"\n{c}. {option}" for c, option in zip(CHOICES, q.choices))
     if info.language == "en":
-        return text + "\nAnswer:" + (f" {q.answer}\n\n" if with_answer else "")
-    return text + "\n答案：" + (f"{q.answer}\n\n" if with_answer else "")
+        cue = "\nAnswer:" if info.answer_cue is None else info.answer_cue
+        return text + cue + (f" {q.answer}\n\n" if with_answer else "")
+    cue = "\n答案：" if info.answer_cue is None else info.answer_cue
+    return text + cue + (f"{q.answer}\n\n" if with_answer else "")
 
 
 def plain_prompt(info: TaskInfo, subject: Subject, shots: Sequence[Question], q: Question) -> str:

@@ -29,6 +29,7 @@ from .tasks import (
     Subject,
     TaskInfo,
     detect_layout,
+    folder_prompt,
     read_questions,
     split_file,
     subjects_in,
@@ -92,8 +93,7 @@ def resolve_task(task: str) -> tuple[Path, str, TaskInfo]:
         if not root.is_dir():
             raise UsageError(f"unknown task {task!r}: choose {', '.join(TASKS)} or a folder", param="task")
     layout = detect_layout(root)
-    known = task_info(layout)
-    return root, layout, known
+    return root, layout, folder_prompt(root, task_info(layout))
 
 
 def default_output(request: EvalRequest, split: str) -> Path:

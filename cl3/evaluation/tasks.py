@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -50,6 +50,8 @@ class TaskInfo:
     categories: tuple[str, ...]
     subjects: dict[str, Subject]
     hard: tuple[str, ...] = ()   # C-Eval Hard
+    header: str | None = None      # a folder's own prompt header ("{subject}" replaced), instead of the task's
+    answer_cue: str | None = None  # a folder's own text between the options and the answer (task's: "\n答案：")
 
     @property
     def language(self) -> str:
@@ -77,6 +79,24 @@ def task_info(name: str) -> TaskInfo:
     data = json.loads((_DATA / f"{name}.json").read_text(encoding="utf-8"))
     subjects = {k: Subject(k, v["name"], tuple(v["categories"])) for k, v in data["subjects"].items()}
     return TaskInfo(name, tuple(data["categories"]), subjects, tuple(data.get("hard", ())))
+
+
+FOLDER_PROMPT = "cl3-task.json"  # optional in a --task folder: {"header": "...{subject}...", "answer_cue": "..."}
+
+
+def folder_prompt(root: Path, info: TaskInfo) -> TaskInfo:
+    """The subject table with the folder's own prompt pieces, when it has a cl3-task.json."""
+    path = root / FOLDER_PROMPT
+    if not path.is_file():
+        return info
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as ex:
+        raise InputError(f"cannot read {path}: {ex}") from None
+    if not isinstance(data, dict) or set(data) - {"header", "answer_cue"} or \
+            not all(isinstance(v, str) for v in data.values()):
+        raise InputError(f"{path}: expected an object with the strings \"header\" and/or \"answer_cue\"")
+    return replace(info, header=data.get("header"), answer_cue=data.get("answer_cue"))
 
 
 def detect_layout(root: Path) -> str:
