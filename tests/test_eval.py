@@ -378,3 +378,58 @@ def test_demo_model_answers_its_own_text_and_quantization_flips_answers(trained_
     assert far["difference"] < -2 * far["se"]  # the paired test sees Q2_K's loss
     assert far["flips"] == sum(runs["Q2_K"].answers[k]["predicted"] != a["predicted"]
                                for k, a in runs["F16"].answers.items())
+
+
+# --- cl3 download --dataset, against a loopback hub ------------------------------------------------------------------
+
+def _archive(folder: Path, kind: str) -> bytes:
+    import io
+    import tarfile
+    import zipfile
+
+    buf = io.BytesIO()
+    if kind == "zip":
+        with zipfile.ZipFile(buf, "w") as z:
+            for p in sorted(folder.rglob("*.csv")):
+                z.write(p, p.relative_to(folder))  # dev/x.csv, test/x.csv at the top, as cmmlu_v1_0_1.zip
+    else:
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            t.add(folder, arcname="ceval_data")  # one folder inside
+    return buf.getvalue()
+
+
+def test_download_dataset_unpacks_the_official_layout(exams, tiny_llama3_gguf, tmp_path, monkeypatch):
+    from .test_hub import FakeHub
+
+    class DatasetHub(FakeHub):
+        def route(self, h, head):  # dataset endpoints as the model ones
+            h.path = h.path.replace("/api/datasets/", "/api/models/", 1)
+            if h.path.startswith("/datasets/"):
+                h.path = h.path[len("/datasets"):]
+            return super().route(h, head)
+
+    hub = DatasetHub({"haonan-li/cmmlu": {"cmmlu_v1_0_1.zip": _archive(exams["cmmlu"], "zip"), "README.md": b"x"},
+                      "ceval/ceval-exam": {"ceval_data.tar": _archive(exams["ceval"], "tar"),
+                                           "ceval-exam.py": b"# a loading script"}})
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("CL3_CACHE_DIR", str(tmp_path / "cl3-cache"))
+    try:
+        for task in ("cmmlu", "ceval"):
+            proc = run_cl3("download", "--dataset", task)
+            assert proc.returncode == 0, proc.stderr
+            where = Path(proc.stdout.strip())
+            assert where == tmp_path / "cl3-cache" / "datasets" / task
+            mine = {p.relative_to(where): p.read_bytes() for p in where.rglob("*.csv")}
+            theirs = {p.relative_to(exams[task]): p.read_bytes() for p in exams[task].rglob("*.csv")}
+            assert mine == theirs
+        assert not hub.gets("README.md") and not hub.gets("ceval-exam.py")
+        n = len(hub.gets("/resolve/"))
+        assert run_cl3("download", "--dataset", "ceval").returncode == 0 and len(hub.gets("/resolve/")) == n
+        proc = run_cl3("eval", tiny_llama3_gguf, "--task", "cmmlu", "--shots", "0", "-o", tmp_path / "r.json", "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert "all (over questions)" in proc.stdout
+        one_line_error(run_cl3("download", "--dataset", "gaokao"), "unknown dataset")
+    finally:
+        hub.close()
