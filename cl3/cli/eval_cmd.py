@@ -34,7 +34,7 @@ def eval_command(
                                                         "run: paired accuracy difference and flips.")] = None,
     ctx_size: CtxSize = 4096,
     batch_size: BatchSize = 2048,
-    parallel: Annotated[int, typer.Option("--parallel", metavar="N", help="Questions decoded side by side.")] = 16,
+    parallel: Annotated[int, typer.Option("--parallel", metavar="N", help="Questions decoded side by side.")] = 4,
     no_prefix_reuse: Annotated[bool, typer.Option("--no-prefix-reuse", help="Decode every prompt whole (slower; "
                                                   "for comparison).")] = False,
     threads: Threads = None,

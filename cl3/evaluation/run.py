@@ -52,7 +52,7 @@ class EvalRequest:
     limit: int | None = None         # at most this many questions per subject
     n_ctx: int = 4096
     n_batch: int = 2048
-    n_parallel: int = 16
+    n_parallel: int = 4
     threads: int | None = None
     n_gpu_layers: int = -1
     reuse_prefix: bool = True
