@@ -68,7 +68,7 @@ def llama_cpp_python_run(model: Path, data: Path, subjects: list[str], shots: in
             logits = np.asarray(llm.scores[len(prompt) - 1], dtype=np.float32)
             seen = set(prompt)
 
-            def pen(t: int) -> float:
+            def pen(t: int, logits=logits, seen=seen) -> float:
                 v = logits[t]
                 return (v * AUTHORS_PENALTY if v < 0 else v / AUTHORS_PENALTY) if t in seen else v
 
@@ -99,7 +99,7 @@ def main() -> None:
     subjects = SUBJECTS[:args.subjects]
     n = args.subjects * args.questions
     print(f"model {model.name}, {args.subjects} subjects x {args.questions} questions = {n}")
-    print(f"| shots | run | questions/s | × llama-cpp-python | tokens decoded / question | answers = reference |")
+    print("| shots | run | questions/s | × llama-cpp-python | tokens decoded / question | answers = reference |")
     print("|---|---|---|---|---|---|")
     extrapolation = {}
     for shots in (0, 5):
