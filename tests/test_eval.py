@@ -433,3 +433,44 @@ def test_download_dataset_unpacks_the_official_layout(exams, tiny_llama3_gguf, t
         one_line_error(run_cl3("download", "--dataset", "gaokao"), "unknown dataset")
     finally:
         hub.close()
+
+
+# --- cl3 bench --eval ------------------------------------------------------------------------------------------------
+
+def test_bench_eval_rows(trained_demo, text_file, tmp_path, monkeypatch):
+    import csv as csv_mod
+
+    from cl3 import bench
+    from cl3.evaluation.stats import paired
+
+    from .eval_learnable import write_learnable_set
+
+    f16, _ = trained_demo(1)
+    monkeypatch.setenv("CL3_CACHE_DIR", str(tmp_path / "cache"))
+    write_learnable_set(tmp_path / "cache" / "datasets" / "ceval", f16.parent / "hf" / "tokenizer.json", n=30)
+    out = tmp_path / "tables" / "demo"
+    out.parent.mkdir()
+    proc = run_cl3("bench", f16, "--types", "F16,Q2_K", "--eval", "ceval:0", "-c", "64", "--chunks", "1", "-f",
+                   text_file, "-p", "16", "-n", "2", "-r", "1", "-o", out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "C-Eval 0-shot (%)" in proc.stdout and "flips vs F16" in proc.stdout
+    rows = {r[0]: r[1:] for r in csv_mod.reader((tmp_path / "tables" / "demo.csv").read_text().splitlines())}
+    assert "C-Eval 0-shot (%)" in (tmp_path / "tables" / "demo.md").read_text()
+    cells = json.loads((tmp_path / "tables" / "demo.json").read_text())["cells"]
+    runs = {t: load_run(next((tmp_path / "tables" / "demo.models").glob(f"*{t}*.ceval-0shot.json")))
+            for t in ("F16", "Q2_K")}
+    for i, t in enumerate(("F16", "Q2_K")):
+        acc = sum(a["predicted"] == a["answer"] for a in runs[t].answers.values()) / len(runs[t].answers)
+        assert float(rows["ceval_0shot"][i]) == pytest.approx(100 * acc, abs=1e-4)
+        assert cells[t]["ceval_0shot"] == pytest.approx(100 * acc)
+    assert float(rows["ceval_0shot"][0]) > 50  # the demo knows its text; chance is 25
+    flips = paired(runs["Q2_K"].answers, runs["F16"].answers).flips
+    assert flips > 0 and float(rows["ceval_0shot_flips"][1]) == pytest.approx(100 * flips / 25, abs=1e-4)
+    # the authors' Chinese-LLaMA-2-7B table compares on the same rows
+    published = bench.read_table_csv(Path(__file__).parent.parent / "quant_tables" / "chinese-llama-2-7b.published.csv")
+    table = bench.BenchTable("demo", str(f16), ["F16", "Q8_0", "Q4_0"],
+                             bench.BenchSettings(evals=bench.eval_specs(["ceval"])))
+    compared = {(c["metric"], c["type"]): c["published"] for c in bench.compare(table, published)}
+    assert compared[("ceval_5shot", "Q8_0")] == 35.4 and compared[("ceval_0shot", "F16")] == 28.2
+    one_line_error(run_cl3("bench", f16, "--eval", "gaokao", "-o", tmp_path / "x"), "unknown evaluation task")
+    one_line_error(run_cl3("bench", f16, "--eval", "ceval", "--ray", "-o", tmp_path / "y"), "--eval")
