@@ -277,8 +277,11 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
     table = BenchTable(out.name, str(src), type_names, settings, machine=machine_info(),
                        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     previous = load_table(table_file(out, ".json"))
-    same = {k: v for k, v in vars(settings).items() if k != "evals" or v}  # tables from before --eval continue
-    if previous and previous.get("settings") == same and previous.get("source") == str(src):
+    def comparable(values: dict) -> dict:  # tables written before --eval existed continue too
+        return {k: v for k, v in values.items() if k != "evals" or v}
+
+    if previous and comparable(previous.get("settings") or {}) == comparable(vars(settings)) \
+            and previous.get("source") == str(src):
         table.cells = {t: c for t, c in previous.get("cells", {}).items() if t in type_names}
         table.started = previous.get("started", table.started)
 

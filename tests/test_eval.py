@@ -474,3 +474,10 @@ def test_bench_eval_rows(trained_demo, text_file, tmp_path, monkeypatch):
     assert compared[("ceval_5shot", "Q8_0")] == 35.4 and compared[("ceval_0shot", "F16")] == 28.2
     one_line_error(run_cl3("bench", f16, "--eval", "gaokao", "-o", tmp_path / "x"), "unknown evaluation task")
     one_line_error(run_cl3("bench", f16, "--eval", "ceval", "--ray", "-o", tmp_path / "y"), "--eval")
+
+
+def test_cli_output_folder_gets_the_default_name(tiny_llama3_gguf, exams, tmp_path):
+    proc = run_cl3("eval", tiny_llama3_gguf, "--task", exams["ceval"], "--shots", "0", "--limit", "1",
+                   "-o", f"{tmp_path}/runs/", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tiny-llama3-f32.ceval-val-0shot.json"]

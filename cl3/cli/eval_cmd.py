@@ -51,7 +51,7 @@ def eval_command(
     request = EvalRequest(model, task=task, split=split, shots=shots, subjects=chosen, template=template, limit=limit,
                           n_ctx=ctx_size, n_batch=batch_size, n_parallel=parallel, threads=threads,
                           n_gpu_layers=n_gpu_layers, reuse_prefix=not no_prefix_reuse,
-                          output=Path(output) if output else None, force=force)
+                          output=output, force=force)
     with progress_bar(f"eval {model.name}", unit="questions", quiet=quiet or as_json) as update:
         run = evaluate(request, progress=update)
     comparison = None

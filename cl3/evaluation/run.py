@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import paths
 from ..chat_templates import template_from_spec
 from ..errors import InputError, Interrupted, OutputError, UsageError
-from ..files import atomic_output
+from ..files import atomic_output, is_directory_target, output_directory
 from ..llama import Context, Model
 from ..metadata import read_metadata
 from .engine import ChoiceTokens, Scorer, tokenize_prompt
@@ -58,7 +58,8 @@ class EvalRequest:
     reuse_prefix: bool = True
     flash_attn: str = "off"          # llama.cpp's CPU flash attention rounds Q to F16: 1e-3 score changes between
                                      # batch layouts; off, scores agree with a plain one-prompt evaluation to 1e-5
-    output: Path | None = None       # the run file; default beside the current folder, named after model and task
+    output: str | Path | None = None  # the run file (a folder: the default name in it); default: in the current
+                                     # folder, named after model, task, split, shots and template
     force: bool = False              # start over even if the run file holds another run's answers
 
 
@@ -137,6 +138,8 @@ def evaluate(request: EvalRequest, *, progress: Progress | None = None) -> EvalR
                 if Path(request.model).is_file() else None, "task": layout, "data": str(root), "split": split,
                 "shots": request.shots, "template": request.template, "subjects": chosen, "limit": request.limit}
     out = Path(request.output) if request.output else default_output(request, split)
+    if request.output and is_directory_target(request.output):  # -o DIR/: the default name inside it
+        out = output_directory(request.output) / default_output(request, split).name
     run = EvalRun(settings, {}, path=out, info=info)
     if out.exists() and not request.force:
         old = load_run(out)
