@@ -25,6 +25,8 @@ from pathlib import Path
 
 from . import llama, measure
 from .errors import InputError, UsageError
+from .evaluation.run import EvalRequest, evaluate
+from .evaluation.stats import paired
 from .files import atomic_output
 from .hf import check_model_source
 from .metadata import read_metadata
@@ -401,9 +403,6 @@ def missing_steps(cell: dict, evals: list[str] = ()) -> list[str]:
 def eval_values(job: BenchJob, type_name: str, model: Path, spec: str, stage: Stage | None = None) -> dict:
     """Accuracy on one task (cl3.evaluation, the run file kept beside the models so Ctrl-C continues), and the
     flips against F16's answers."""
-    from .evaluation.run import EvalRequest, evaluate
-    from .evaluation.stats import paired
-
     task, shots = spec.split(":")
     s = job.settings
 

@@ -101,6 +101,52 @@ def authors_zh_prompts(task: str, subject_name: str, dev_df, test_df, k: int, wi
     return out
 
 
+def authors_alpaca2_prompts(task: str, subject_name: str, dev_df, test_df, k: int, with_prompt: bool) -> list[str]:
+    """Chinese-LLaMA-Alpaca-2 scripts/ceval/llama_evaluator.py and scripts/cmmlu/llama2_evaluator.py (subject_name:
+    the file stem, as their eval.py passes it)."""
+    q_col, a_col = ("question", "answer") if task == "ceval" else ("Question", "Answer")
+    system_prompt = AUTHORS_SYSTEM_PROMPT if task == "ceval" else "你是一个乐于助人的助手。"
+
+    def format_example(line, include_answer=True):
+        example = line[q_col]
+        for choice in CHOICES:
+            example += f'\n{choice}. {line[f"{choice}"]}'
+        if include_answer:
+            example += '\n答案：' + line[a_col] + '\n\n'
+        else:
+            example += '\n答案：'
+        return example
+
+    if k > 0:
+        prompt = f"以下是中国关于{subject_name}考试的单项选择题，请选出其中的正确答案。\n\n"
+        if with_prompt:
+            prompt_template = ("[INST] <<SYS>>\n" "{system_prompt}\n" "<</SYS>>\n\n"
+                               "{instruction} [/INST]好的，我会结合{subject}相关知识回答")
+            prompt = prompt_template.format_map({'instruction': prompt, 'system_prompt': system_prompt,
+                                                 'subject': subject_name})
+            for i in range(k):
+                line = dev_df.iloc[i, :]
+                q = line[q_col]
+                for choice in CHOICES:
+                    q += f'\n{choice}. {line[f"{choice}"]}'
+                a = line[a_col]
+                prompt += "[INST] " + q + "\n答案：[/INST]" + a + "\n"
+        else:
+            for i in range(k):
+                prompt += format_example(dev_df.iloc[i, :], include_answer=True)
+        history = prompt
+    else:
+        history = ''
+    out = []
+    for _, row in test_df.iterrows():
+        instruction = format_example(row, include_answer=False)
+        if with_prompt:
+            prompt_template = ("[INST] <<SYS>>\n" "{system_prompt}\n" "<</SYS>>\n\n" "{instruction} [/INST]")
+            instruction = prompt_template.format_map({'instruction': instruction, 'system_prompt': system_prompt})
+        out.append(history + instruction)
+    return out
+
+
 def authors_mmlu_prompts(subject: str, dev_df, test_df, k: int) -> list[str]:
     """hendrycks/test evaluate.py (Chinese-LLaMA-Alpaca-3 scripts/mmlu/eval.py): gen_prompt + format_example."""
     def format_subject(subject):
@@ -133,11 +179,12 @@ def authors_mmlu_prompts(subject: str, dev_df, test_df, k: int) -> list[str]:
             for i in range(test_df.shape[0])]
 
 
-def cl3_prompts(root: Path, task: str, subject: str, split: str, shots: int, chat=None) -> list[str]:
+def cl3_prompts(root: Path, task: str, subject: str, split: str, shots: int, chat=None,
+                style: str = "alpaca3") -> list[str]:
     info = task_info(task)
     dev = read_questions(split_file(root, task, subject, "dev"), task, subject)[:shots]
     questions = read_questions(split_file(root, task, subject, split), task, subject)
-    return [build_prompt(info, info.subjects[subject], dev, q, chat) for q in questions]
+    return [build_prompt(info, info.subjects[subject], dev, q, chat, style) for q in questions]
 
 
 @pytest.mark.parametrize("shots", [0, 5])
@@ -163,6 +210,11 @@ def test_prompts_equal_the_authors_byte_for_byte(exams, shots):
                     expected = authors_zh_prompts(task, name, dev_df, test_df, shots, with_prompt)
                     got = cl3_prompts(root, task, subject, split, shots, "alpaca3" if with_prompt else None)
                     assert got == expected, (task, subject, split, with_prompt)
+                    checked += len(expected)
+                    expected = authors_alpaca2_prompts(task, subject, dev_df, test_df, shots, with_prompt)
+                    got = cl3_prompts(root, task, subject, split, shots, "alpaca2" if with_prompt else None,
+                                      "alpaca2")
+                    assert got == expected, (task, subject, split, with_prompt, "alpaca2")
                     checked += len(expected)
     assert checked > 100
     # the data exercised pandas' readings: a numbers-only option column and an NA cell
@@ -481,3 +533,30 @@ def test_cli_output_folder_gets_the_default_name(tiny_llama3_gguf, exams, tmp_pa
                    "-o", f"{tmp_path}/runs/", "-q")
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tiny-llama3-f32.ceval-val-0shot.json"]
+
+
+@pytest.mark.parametrize("shots,template", [(0, "none"), (5, "none"), (5, "alpaca2")])
+def test_alpaca2_answers_equal_the_authors_scorer_on_transformers(tiny_spm, tiny_spm_gguf, exams, tmp_path, shots,
+                                                                   template):
+    """The Chinese-LLaMA-2 / Alpaca-2 protocol on a SentencePiece model: their LlamaTokenizer(legacy=True), where the
+    bare letter ("▁A") and the last token of "：A" ("A") differ."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_spm.path, torch_dtype=torch.float32).eval()
+    tokenizer = LlamaTokenizer.from_pretrained(tiny_spm.path, legacy=True)
+    run = _run(tiny_spm_gguf, exams["ceval"], tmp_path, shots=shots, template=template, style="alpaca2")
+    texts = {}
+    for subject in CEVAL_SUBJECTS:
+        for i, text in enumerate(cl3_prompts(exams["ceval"], "ceval", subject, "val", shots,
+                                             None if template == "none" else template, "alpaca2")):
+            texts[f"{subject}/{i}"] = text
+    compared = 0
+    for key, text in texts.items():
+        mine = np.array(run.answers[key]["scores"])
+        answer, scores = authors_answer(model, tokenizer, text)
+        np.testing.assert_allclose(scores * 0.2, mine, atol=2e-3, err_msg=key)
+        if np.sort(mine)[-1] - np.sort(mine)[-2] > 1e-3:
+            assert run.answers[key]["predicted"] == answer, key
+            compared += 1
+    assert compared >= len(texts) // 2

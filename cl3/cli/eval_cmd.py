@@ -25,8 +25,13 @@ def eval_command(
     subjects: Annotated[Optional[list[str]], typer.Option(
         "--subjects", metavar="NAME", help="Only these subjects (comma-separated or repeated).")] = None,
     template: Annotated[str, typer.Option(
-        "--template", metavar="T", help="none (plain prompt), model (the GGUF's chat template), alpaca3 (the authors' "
-                                        "own Llama-3 chat strings), a template name or a Jinja file.")] = "none",
+        "--template", metavar="T", help="none (plain prompt), model (the GGUF's chat template), alpaca3 / alpaca2 (the "
+                                        "authors' own Llama-3 / Llama-2 chat strings), a template name or a Jinja "
+                                        "file.")] = "none",
+    prompts: Annotated[str, typer.Option(
+        "--prompts", metavar="STYLE", help="alpaca3: as Chinese-LLaMA-Alpaca-3's scripts (the header always, Chinese "
+                                           "subject names); alpaca2: as -2's (Chinese-LLaMA-2 tables: no header "
+                                           "zero-shot, the subject's file name).")] = "alpaca3",
     limit: Annotated[Optional[int], typer.Option("--limit", metavar="N",
                                                  help="At most N questions per subject.")] = None,
     baseline: Annotated[Optional[Path], typer.Option(
@@ -48,7 +53,8 @@ def eval_command(
     from ..evaluation.run import EvalRequest, compare, evaluate, load_run
 
     chosen = tuple(s.strip() for item in subjects or [] for s in item.split(",") if s.strip())
-    request = EvalRequest(model, task=task, split=split, shots=shots, subjects=chosen, template=template, limit=limit,
+    request = EvalRequest(model, task=task, split=split, shots=shots, subjects=chosen, template=template, style=prompts,
+                          limit=limit,
                           n_ctx=ctx_size, n_batch=batch_size, n_parallel=parallel, threads=threads,
                           n_gpu_layers=n_gpu_layers, reuse_prefix=not no_prefix_reuse,
                           output=output, force=force)

@@ -62,7 +62,8 @@ FLAGS = {"imatrix": "--imatrix", "imatrix_chunks": "--imatrix-chunks", "n_ctx": 
          "outtype": "--outtype", "system": "--system", "target_size": "--target-size", "target_bpw": "--target-bpw",
          "measure": "--measure", "sensitivity_chunks": "--sensitivity-chunks", "top_k": "--top-k",
          "task": "--task", "split": "--split", "shots": "--shots", "subjects": "--subjects", "limit": "--limit",
-         "template": "--template", "baseline": "--baseline", "dataset": "--dataset", "evals": "--eval"}
+         "template": "--template", "baseline": "--baseline", "dataset": "--dataset", "evals": "--eval",
+         "style": "--prompts"}
 
 
 def hint(param: str | None) -> str | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jinja2
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..chat_templates import DEFAULT_SYSTEM_PROMPT
 from ..errors import UnsupportedModelError
@@ -37,16 +38,17 @@ ZH_ACK = "好的，我会结合{subject}相关知识回答"
 EN_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 
 
-def subject_phrase(info: TaskInfo, subject: Subject) -> str:
+def subject_phrase(info: TaskInfo, subject: Subject, style: str = "alpaca3") -> str:
     if info.language == "en":
         return "".join(" " + word for word in subject.key.split("_"))  # hendrycks/test format_subject
-    return subject.name
+    return subject.key if style == "alpaca2" else subject.name  # Alpaca-2's scripts pass the file stem
 
 
-def header(info: TaskInfo, subject: Subject) -> str:
+def header(info: TaskInfo, subject: Subject, style: str = "alpaca3") -> str:
+    phrase = subject_phrase(info, subject, style)
     if info.header is not None:
-        return info.header.replace("{subject}", subject_phrase(info, subject))
-    return (EN_HEADER if info.language == "en" else ZH_HEADER).format(subject=subject_phrase(info, subject))
+        return info.header.replace("{subject}", phrase)
+    return (EN_HEADER if info.language == "en" else ZH_HEADER).format(subject=phrase)
 
 
 def format_question(info: TaskInfo, q: Question, *, with_answer: bool) -> str:
@@ -58,8 +60,11 @@ def format_question(info: TaskInfo, q: Question, *, with_answer: bool) -> str:
     return text + cue + (f"{q.answer}\n\n" if with_answer else "")
 
 
-def plain_prompt(info: TaskInfo, subject: Subject, shots: Sequence[Question], q: Question) -> str:
-    return (header(info, subject) + "".join(format_question(info, s, with_answer=True) for s in shots)
+def plain_prompt(info: TaskInfo, subject: Subject, shots: Sequence[Question], q: Question,
+                 style: str = "alpaca3") -> str:
+    """Alpaca-2's scripts (``style="alpaca2"``) write no header at all zero-shot."""
+    lead = "" if style == "alpaca2" and not shots and info.language == "zh" else header(info, subject, style)
+    return (lead + "".join(format_question(info, s, with_answer=True) for s in shots)
             + format_question(info, q, with_answer=False))
 
 
@@ -80,10 +85,31 @@ def chat_messages(info: TaskInfo, subject: Subject, shots: Sequence[Question], q
     return messages + [{"role": "user", "content": question}]
 
 
+ALPACA2_SYSTEM = {"ceval": DEFAULT_SYSTEM_PROMPT, "cmmlu": "你是一个乐于助人的助手。"}
+L2_INST = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{instruction} [/INST]"
+
+
+def alpaca2_prompt(info: TaskInfo, subject: Subject, shots: Sequence[Question], q: Question) -> str:
+    """The authors' hand-built Llama-2 prompt for Chinese-Alpaca-2 (Chinese-LLaMA-Alpaca-2 scripts/ceval/
+    llama_evaluator.py and scripts/cmmlu/llama2_evaluator.py, ``with_prompt``)."""
+    if info.language != "zh":
+        raise UnsupportedModelError("the authors' MMLU script has no chat form; use a chat template (model, NAME, "
+                                    "FILE) or none", param="template")
+    system = ALPACA2_SYSTEM.get(info.name, DEFAULT_SYSTEM_PROMPT)
+    history = ""
+    if shots:
+        history = (L2_INST.format(system=system, instruction=header(info, subject, "alpaca2"))
+                   + ZH_ACK.format(subject=subject.key))
+        for s in shots:
+            history += "[INST] " + format_question(info, s, with_answer=False) + "[/INST]" + s.answer + "\n"
+    return history + L2_INST.format(system=system, instruction=format_question(info, q, with_answer=False))
+
+
 L3_SYSTEM = "<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>"
 L3_USER = "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 L3_ASSISTANT = "{content}<|eot_id|>"
-AUTHORS_TEMPLATES = ("alpaca3",)
+AUTHORS_TEMPLATES = ("alpaca3", "alpaca2")
+STYLES = ("alpaca3", "alpaca2")
 
 
 def alpaca3_prompt(info: TaskInfo, subject: Subject, shots: Sequence[Question], q: Question) -> str:
@@ -108,8 +134,6 @@ class ChatRenderer:
     """A chat template rendered as llama-cpp-python's Jinja2ChatFormatter (and so cl3 chat) renders it."""
 
     def __init__(self, template: str, bos_token: str, eos_token: str, source: str):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         self.source = source
         try:
             self._formatter = Jinja2ChatFormatter(template=template, bos_token=bos_token, eos_token=eos_token,
@@ -125,10 +149,13 @@ class ChatRenderer:
 
 
 def build_prompt(info: TaskInfo, subject: Subject, shots: Sequence[Question], q: Question,
-                 chat: ChatRenderer | str | None = None) -> str:
-    """The prompt text of one question: plain, the authors' own chat form (``"alpaca3"``), or a chat template."""
+                 chat: ChatRenderer | str | None = None, style: str = "alpaca3") -> str:
+    """The prompt text of one question: plain (as the Alpaca-3 or the Alpaca-2 scripts write it), the authors' own
+    chat form (``"alpaca3"``, ``"alpaca2"``), or a chat template."""
     if chat is None:
-        return plain_prompt(info, subject, shots, q)
+        return plain_prompt(info, subject, shots, q, style)
     if chat == "alpaca3":
         return alpaca3_prompt(info, subject, shots, q)
+    if chat == "alpaca2":
+        return alpaca2_prompt(info, subject, shots, q)
     return chat(chat_messages(info, subject, shots, q))

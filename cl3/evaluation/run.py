@@ -20,7 +20,7 @@ from ..files import atomic_output, is_directory_target, output_directory
 from ..llama import Context, Model
 from ..metadata import read_metadata
 from .engine import ChoiceTokens, Scorer, tokenize_prompt
-from .prompts import AUTHORS_TEMPLATES, ChatRenderer, build_prompt
+from .prompts import AUTHORS_TEMPLATES, STYLES, ChatRenderer, build_prompt
 from .stats import Summary, paired, summarize
 from .tasks import (
     DEFAULT_SPLIT,
@@ -48,7 +48,8 @@ class EvalRequest:
     split: str | None = None         # default: ceval val, cmmlu test, mmlu test
     shots: int = 5
     subjects: tuple[str, ...] = ()   # default: all the folder holds
-    template: str = "none"           # none, model, alpaca3, a template name or a Jinja file
+    template: str = "none"           # none, model, alpaca3, alpaca2, a template name or a Jinja file
+    style: str = "alpaca3"           # whose scripts' plain prompts: Chinese-LLaMA-Alpaca-3's or -2's
     limit: int | None = None         # at most this many questions per subject
     n_ctx: int = 4096
     n_batch: int = 2048
@@ -100,6 +101,7 @@ def resolve_task(task: str) -> tuple[Path, str, TaskInfo]:
 def default_output(request: EvalRequest, split: str) -> Path:
     task = request.task if request.task in TASKS else Path(request.task).name
     chat = "" if request.template == "none" else f"-{Path(request.template).stem}"
+    chat += "" if request.style == "alpaca3" else f"-{request.style}"
     return Path(f"{Path(request.model).stem}.{task}-{split}-{request.shots}shot{chat}.json")
 
 
@@ -121,6 +123,8 @@ def evaluate(request: EvalRequest, *, progress: Progress | None = None) -> EvalR
     """Score the request's questions; continue a run file of the same settings; return the finished run."""
     root, layout, info = resolve_task(request.task)
     split = request.split or DEFAULT_SPLIT[layout]
+    if request.style not in STYLES:
+        raise UsageError(f"unknown prompt style {request.style!r}: choose {', '.join(STYLES)}", param="style")
     if request.shots < 0:
         raise UsageError("the number of shots must be 0 or more", param="shots")
     if request.limit is not None and request.limit < 1:
@@ -137,6 +141,8 @@ def evaluate(request: EvalRequest, *, progress: Progress | None = None) -> EvalR
     settings = {"model": str(request.model), "model_bytes": Path(request.model).stat().st_size
                 if Path(request.model).is_file() else None, "task": layout, "data": str(root), "split": split,
                 "shots": request.shots, "template": request.template, "subjects": chosen, "limit": request.limit}
+    if request.style != "alpaca3":
+        settings["style"] = request.style
     out = Path(request.output) if request.output else default_output(request, split)
     if request.output and is_directory_target(request.output):  # -o DIR/: the default name inside it
         out = output_directory(request.output) / default_output(request, split).name
@@ -210,7 +216,8 @@ def _score(request: EvalRequest, info: TaskInfo, work, run: EvalRun, total: int,
         try:
             for subject, shots, questions in work:
                 todo = [q for q in questions if q.key not in run.answers]
-                prompts = [tokenize_prompt(model, build_prompt(info, subject, shots, q, chat)) for q in todo]
+                prompts = [tokenize_prompt(model, build_prompt(info, subject, shots, q, chat, request.style))
+                           for q in todo]
 
                 def on_scored(i: int, scores, todo=todo) -> None:
                     q = todo[i]
@@ -241,7 +248,7 @@ def _save(run: EvalRun) -> None:
 
 def compare(run: EvalRun, baseline: EvalRun) -> dict:
     """The paired comparison against a baseline run (same task and split)."""
-    for key in ("task", "split", "shots", "template"):
+    for key in ("task", "split", "shots", "template", "style"):
         if run.settings.get(key) != baseline.settings.get(key):
             raise InputError(f"the baseline run has {key} {baseline.settings.get(key)!r}, this run "
                              f"{run.settings.get(key)!r}", param="baseline")
