@@ -25,6 +25,8 @@ from pathlib import Path
 
 from . import llama, measure
 from .errors import InputError, UsageError
+from .evaluation.run import EvalRequest, evaluate
+from .evaluation.stats import paired
 from .files import atomic_output, make_folder
 from .hf import check_model_source
 from .metadata import read_metadata
@@ -69,6 +71,34 @@ class BenchSettings:
     imatrix_both: bool = False          # every type with and without the imatrix, the better one kept
     mix: list[str] = field(default_factory=list)   # types whose file size cl3's mixes are made at
     mix_measure: str = "auto"           # the mixes' sensitivity mode (cl3.mix)
+    evals: list[str] = field(default_factory=list)  # accuracy rows, "ceval:0", "ceval:5" (cl3.evaluation)
+
+
+EVAL_LABELS = {"ceval": "C-Eval", "cmmlu": "CMMLU", "mmlu": "MMLU"}
+
+
+def eval_specs(specs: list[str] | None) -> list[str]:
+    """``--eval ceval`` (0- and 5-shot, as the authors' table), ``ceval:5``, ``ceval:0,5`` -> ["ceval:0", ...]."""
+    out = []
+    for spec in specs or []:
+        task, _, shots = spec.strip().partition(":")
+        if task not in EVAL_LABELS:
+            raise UsageError(f"unknown evaluation task {task!r}: choose {', '.join(EVAL_LABELS)}", param="evals")
+        for k in (shots or "0,5").split(","):
+            if not k.strip().isdigit():
+                raise UsageError(f"{spec}: the shots must be numbers (ceval:0,5)", param="evals")
+            out.append(f"{task}:{int(k)}")
+    return list(dict.fromkeys(out))
+
+
+def eval_rows(evals: list[str]) -> list[tuple[str, str, str, str | None]]:
+    rows = []
+    for e in evals:
+        task, shots = e.split(":")
+        key, label = f"{task}_{shots}shot", f"{EVAL_LABELS[task]} {shots}-shot"
+        rows += [(key, f"{label} (%)", "{:.1f}", f"{key}_se"), (f"{key}_flips", f"{label} flips vs F16 (%)", "{:.1f}",
+                                                                None)]
+    return rows
 
 
 MIX_PREFIX = "mix@"
@@ -95,7 +125,8 @@ class BenchTable:
         under 1 GiB, in GiB otherwise."""
         sizes = [self.value(t, "size_gib") for t in self.types if self.value(t, "size_gib") is not None]
         skip = "size_gib" if sizes and max(sizes) < 1 else "size_mib"
-        return [r for r in ROWS if r[0] != skip and any(self.value(t, r[0]) is not None for t in self.types)]
+        return [r for r in ROWS + eval_rows(self.settings.evals)
+                if r[0] != skip and any(self.value(t, r[0]) is not None for t in self.types)]
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "types": self.types, "settings": vars(self.settings),
@@ -114,6 +145,9 @@ METHOD = {
     "imatrix": "with the imatrix 'both': whether the kept file was quantized with the imatrix (the one of lower KLD, "
                "or lower PPL without --kld)",
     "mix": "mix@TYPE: cl3's per-tensor mix (cl3 quantize --target-size) at the file size of TYPE in this table",
+    "eval": "cl3 eval: accuracy (%) over the questions of the task's default split (C-Eval val, CMMLU/MMLU test) "
+            "with the model authors' prompt and constrained decoding, ± its standard error; flips: the share of "
+            "questions whose answer differs from F16's",
     "pp_ms_per_token": "llama-bench pp test: mean time of the timed runs / prompt tokens (random tokens, warm-up)",
     "tg_ms_per_token": "llama-bench tg test: mean time of the timed runs / generated tokens (1 token per decode)",
 }
@@ -204,7 +238,8 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
             text_file: str | os.PathLike | None = None, kld: bool = False, n_prompt: int = 512, n_gen: int = 128,
             repetitions: int = 5, threads: int | None = None, n_gpu_layers: int = -1,
             work_dir: str | os.PathLike | None = None, imatrix_both: bool = False, mix: list[str] | None = None,
-            mix_measure: str = "auto", stage: Stage | None = None) -> tuple[BenchJob, BenchTable, Path]:
+            mix_measure: str = "auto", stage: Stage | None = None,
+            evals: list[str] | None = None) -> tuple[BenchJob, BenchTable, Path]:
     """Check everything, convert an HF source, and start the table (with the cells of an earlier run of the same
     settings). Returns the job, the table and the table's path stem."""
     from . import quantize
@@ -239,12 +274,16 @@ def prepare(src: str | os.PathLike, *, types: list[str] | None = None, out: str 
                              text_sha256=hashlib.sha256(text.encode()).hexdigest(), imatrix=imatrix_name, kld=kld,
                              n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads,
                              n_gpu_layers=n_gpu_layers, imatrix_both=imatrix_both, mix=mix_types,
-                             mix_measure=mix_measure)
+                             mix_measure=mix_measure, evals=eval_specs(evals))
     type_names += [MIX_PREFIX + t for t in mix_types]
     table = BenchTable(out.name, str(src), type_names, settings, machine=machine_info(),
                        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     previous = load_table(table_file(out, ".json"))
-    if previous and previous.get("settings") == vars(settings) and previous.get("source") == str(src):
+    def comparable(values: dict) -> dict:  # tables written before --eval existed continue too
+        return {k: v for k, v in values.items() if k != "evals" or v}
+
+    if previous and comparable(previous.get("settings") or {}) == comparable(vars(settings)) \
+            and previous.get("source") == str(src):
         cells = {canonical_type(t): c for t, c in previous.get("cells", {}).items()}  # tables saved with aliases
         table.cells = {t: c for t, c in cells.items() if t in type_names}
         table.started = previous.get("started", table.started)
@@ -353,12 +392,34 @@ def kld_base_logits(job: BenchJob, out: Path, stage: Stage | None = None) -> Pat
     return Path(out)
 
 
-def missing_steps(cell: dict) -> list[str]:
-    """The measurements a cell still lacks: "size", "ppl", "speed"."""
+def missing_steps(cell: dict, evals: list[str] = ()) -> list[str]:
+    """The measurements a cell still lacks: "size", "ppl", "speed", "eval:TASK:SHOTS"."""
     steps = [] if "size_gib" in cell else ["size"]
     steps += [] if "ppl" in cell else ["ppl"]
     steps += [] if "pp_ms_per_token" in cell or "tg_ms_per_token" in cell else ["speed"]
+    steps += [f"eval:{e}" for e in evals if f"{e.replace(':', '_')}shot" not in cell]
     return steps
+
+
+def eval_values(job: BenchJob, type_name: str, model: Path, spec: str, stage: Stage | None = None) -> dict:
+    """Accuracy on one task (cl3.evaluation, the run file kept beside the models so Ctrl-C continues), and the
+    flips against F16's answers."""
+    task, shots = spec.split(":")
+    s = job.settings
+
+    def run(name: str, path: Path):
+        request = EvalRequest(path, task=task, shots=int(shots), threads=s.threads, n_gpu_layers=s.n_gpu_layers,
+                              output=job.plain_dir / f"{Path(path).stem}.{task}-{shots}shot.json")
+        with stage_progress(stage, f"{name}: {EVAL_LABELS[task]} {shots}-shot", "questions") as update:
+            return evaluate(request, progress=update)
+
+    mine = run(type_name, model)
+    key = f"{task}_{shots}shot"
+    values = {key: 100 * mine.summary.overall.accuracy, f"{key}_se": 100 * mine.summary.overall.se}
+    f16 = job.model_path("F16")
+    if type_name != "F16" and f16.exists():
+        values[f"{key}_flips"] = 100 * paired(mine.answers, run("F16", f16).answers).flip_rate
+    return values
 
 
 def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | os.PathLike,
@@ -367,14 +428,15 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
           repetitions: int = 5, threads: int | None = None, n_gpu_layers: int = -1,
           work_dir: str | os.PathLike | None = None, imatrix_both: bool = False, mix: list[str] | None = None,
           mix_measure: str = "auto", stage: Stage | None = None,
-          on_cell: Callable[[BenchTable], None] | None = None) -> BenchTable:
+          on_cell: Callable[[BenchTable], None] | None = None, evals: list[str] | None = None) -> BenchTable:
     """Measure every type and write OUT.md/.csv/.json(/.png); resumes from OUT.json when its settings match.
     Each measurement is saved as soon as it is made. ``imatrix_both``: each type with and without ``imatrix``, the
     better kept and marked. ``mix``: types at whose file size cl3's mixes are added as ``mix@TYPE`` columns."""
     job, table, out = prepare(src, types=types, out=out, imatrix=imatrix, ctx=ctx, chunks=chunks,
                               text_file=text_file, kld=kld, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                               threads=threads, n_gpu_layers=n_gpu_layers, work_dir=work_dir,
-                              imatrix_both=imatrix_both, mix=mix, mix_measure=mix_measure, stage=stage)
+                              imatrix_both=imatrix_both, mix=mix, mix_measure=mix_measure, stage=stage,
+                              evals=evals)
     if kld:
         quantized_model(job, "F16", stage)
     for type_name in table.types:
@@ -392,11 +454,13 @@ def bench(src: str | os.PathLike, *, types: list[str] | None = None, out: str | 
         else:
             model = quantized_model(job, type_name, stage)
         cell["model"] = str(model)
-        for step in missing_steps(cell):
+        for step in missing_steps(cell, table.settings.evals):
             if step == "size":
                 cell.update(size_values(model))
             elif step == "ppl":
                 cell.update(perplexity_values(job, type_name, model, stage))
+            elif step.startswith("eval:"):
+                cell.update(eval_values(job, type_name, model, step[len("eval:"):], stage))
             else:
                 cell.update(speed_values(job, type_name, model, stage))
             save(table, out)
@@ -486,6 +550,7 @@ def render_markdown(table: BenchTable) -> str:
               *([f"- KLD: {METHOD['kld_mean']} ± its standard error."] if s.kld else []),
               *([f"- Imatrix: {METHOD['imatrix']}."] if s.imatrix_both else []),
               *([f"- Mixes: {METHOD['mix']} (sensitivity: {s.mix_measure})."] if s.mix else []),
+              *([f"- C-Eval/CMMLU/MMLU: {METHOD['eval']}."] if s.evals else []),
               (f"- PP/TG: {METHOD['pp_ms_per_token']} (pp{s.n_prompt}); {METHOD['tg_ms_per_token']} "
                f"(tg{s.n_gen}); {s.repetitions} timed runs; lower is faster."),
               (f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, {m.get('os')}, "
@@ -619,7 +684,7 @@ def compare(table: BenchTable, published: dict[str, dict[str, float]]) -> list[d
     """Published vs measured per metric and type, with measured/published ratios; columns are matched by llama.cpp's
     name of their type (a published "Q4_K" is Q4_K_M)."""
     result = []
-    for key, label, _spec, _err in ROWS:
+    for key, label, _spec, _err in ROWS + eval_rows(table.settings.evals):
         if key not in published:
             continue
         row = {canonical_type(t): v for t, v in published[key].items()}

@@ -73,7 +73,15 @@ def download(repo_id: str, *, revision: str | None = None, source: str | None = 
 
 # --- Hugging Face hub -------------------------------------------------------------------------------------------
 
-def _hf_download(repo_id, revision, patterns, out, endpoint, cache_dir, progress) -> Path:
+def download_dataset(repo_id: str, patterns: list[str], *, revision: str | None = None, endpoint: str | None = None,
+                     cache_dir: str | os.PathLike | None = None, progress: Progress | None = None) -> Path:
+    """The files of a Hugging Face *dataset* repo matching ``patterns`` (huggingface_hub's cache; resumable)."""
+    if not _REPO_ID.match(repo_id):
+        raise UsageError(f"not a hub repo id: {repo_id!r} (expected owner/name)")
+    return _hf_download(repo_id, revision, patterns, None, endpoint, cache_dir, progress, repo_type="dataset")
+
+
+def _hf_download(repo_id, revision, patterns, out, endpoint, cache_dir, progress, repo_type="model") -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -86,7 +94,8 @@ def _hf_download(repo_id, revision, patterns, out, endpoint, cache_dir, progress
     where = endpoint or constants.ENDPOINT
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_dir=out,
-                                 cache_dir=cache_dir, endpoint=endpoint, tqdm_class=_tqdm_class(progress))
+                                 cache_dir=cache_dir, endpoint=endpoint, tqdm_class=_tqdm_class(progress),
+                                 repo_type=repo_type)
     except GatedRepoError:
         raise InputError(f"{repo_id} is gated: accept its license on the hub, then log in (`hf auth login`) or set "
                          "HF_TOKEN") from None

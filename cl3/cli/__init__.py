@@ -21,7 +21,7 @@ from ..files import removing_created_folders
 from . import download_cmd, merge_cmd  # noqa: F401
 from . import convert_cmd, info_cmd  # noqa: F401
 from . import imatrix_cmd, quantize_cmd  # noqa: F401
-from . import measure_cmd, bench_cmd, demo_cmd  # noqa: F401
+from . import measure_cmd, eval_cmd, bench_cmd, demo_cmd  # noqa: F401
 from . import chat_cmd, serve_cmd, export_cmd  # noqa: F401
 from . import doctor_cmd  # noqa: F401
 # isort: on

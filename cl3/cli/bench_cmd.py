@@ -61,6 +61,9 @@ def bench(
     measure: Annotated[str, typer.Option(
         "--measure", metavar="MODE", help="The mixes' sensitivity: auto, all, anchors, sample or proxy (see cl3 "
                                           "quantize --measure).")] = "auto",
+    evals: Annotated[Optional[list[str]], typer.Option(
+        "--eval", metavar="TASK[:SHOTS]", help="Add accuracy rows (cl3 eval): ceval, cmmlu or mmlu, 0- and 5-shot "
+                                               "(ceval:5 for one), with flips vs F16; repeatable.")] = None,
     ctx_size: CtxSize = 8192,
     chunks: Chunks = None,
     text: TextFile = None,
@@ -100,8 +103,8 @@ def bench(
 
     if (shared or ray_cpus is not None) and ray is None:
         raise UsageError("--shared and --ray-cpus go with --ray")
-    if ray is not None and (imatrix == "both" or mix):
-        raise UsageError("--imatrix both and --mix run on this machine only (not yet with --ray)")
+    if ray is not None and (imatrix == "both" or mix or evals):
+        raise UsageError("--imatrix both, --mix and --eval run on this machine only (not yet with --ray)")
     if ray is not None:
         bench_ray.import_ray()  # a clear line before any work when Ray is missing
     published = bench_mod.read_table_csv(compare) if compare else None  # bad --compare fails before any work
@@ -124,7 +127,7 @@ def bench(
     settings = dict(types=_split_types(types), imatrix=True if both else imatrix_choice(imatrix), ctx=ctx_size,
                     chunks=chunks, text_file=text, kld=kld, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                     threads=threads, n_gpu_layers=n_gpu_layers, stage=stage)
-    local = dict(imatrix_both=both, mix=_split_types(mix), mix_measure=measure)
+    local = dict(imatrix_both=both, mix=_split_types(mix), mix_measure=measure, evals=evals)
     try:
         if ray is not None:
             with cluster_view(quiet) as on_status:

@@ -60,7 +60,10 @@ FLAGS = {"imatrix": "--imatrix", "imatrix_chunks": "--imatrix-chunks", "n_ctx": 
          "repetitions": "-r/--repetitions", "out": "-o/--output", "output_tensor_type": "--output-tensor-type",
          "token_embedding_type": "--token-embedding-type", "dtype": "--dtype", "source": "--source",
          "outtype": "--outtype", "system": "--system", "target_size": "--target-size", "target_bpw": "--target-bpw",
-         "measure": "--measure", "sensitivity_chunks": "--sensitivity-chunks", "top_k": "--top-k", "cors": "--cors"}
+         "measure": "--measure", "sensitivity_chunks": "--sensitivity-chunks", "top_k": "--top-k", "cors": "--cors",
+         "task": "--task", "split": "--split", "shots": "--shots", "subjects": "--subjects", "limit": "--limit",
+         "template": "--template", "baseline": "--baseline", "dataset": "--dataset", "evals": "--eval",
+         "style": "--prompts"}
 
 
 def hint(param: str | None) -> str | None:

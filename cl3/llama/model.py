@@ -64,6 +64,7 @@ class Model:
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
         self.add_eos = bool(lib.llama_vocab_get_add_eos(self.vocab))
         self.bos = lib.llama_vocab_bos(self.vocab)
+        self.eos = lib.llama_vocab_eos(self.vocab)
         self.n_params = int(lib.llama_model_n_params(self._ptr))
         self.n_bytes = int(lib.llama_model_size(self._ptr))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._ptr))
@@ -126,14 +127,15 @@ class Context:
     """A llama_context on ``model``: batches of tokens in, output logits out.
 
     ``n_seq`` sequences share the ``n_ctx`` cells (llama-perplexity's and llama-imatrix's side-by-side chunks); one
-    decode takes at most ``n_batch`` tokens. ``on_eval(tensor, ask)`` is the scheduler's eval callback (every graph
+    decode takes at most ``n_batch`` tokens. ``kv_unified``: one cell pool for all sequences, so a sequence copied
+    from another (:meth:`seq_copy`, eval's shared few-shot prefix) shares its cells instead of duplicating them. ``on_eval(tensor, ask)`` is the scheduler's eval callback (every graph
     node; the imatrix collector): an exception it raises is re-raised after the decode, and no further node is
     offered to it in that decode. ``threadpool`` attaches a CPU threadpool as llama-bench does.
     """
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_ubatch: int = 512, n_seq: int = 1,
                  threads: int | None = None, flash_attn: str = "auto", on_eval: EvalCallback | None = None,
-                 threadpool: bool = False):
+                 threadpool: bool = False, kv_unified: bool = False):
         lib = llama_cpp()
         self._lib = lib
         self.model = model
@@ -148,6 +150,7 @@ class Context:
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
+        params.kv_unified = kv_unified
         params.flash_attn_type = {"auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                   "off": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
         if on_eval is not None:
@@ -180,6 +183,15 @@ class Context:
 
     def clear(self) -> None:
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ptr), True)
+
+    def seq_copy(self, src: int, dst: int) -> None:
+        """Sequence ``dst`` continues from everything sequence ``src`` holds (llama_memory_seq_cp, all positions)."""
+        self._lib.llama_memory_seq_cp(self._lib.llama_get_memory(self._ptr), src, dst, -1, -1)
+
+    def seq_remove(self, seq: int) -> None:
+        """Forget sequence ``seq`` (its cells shared with other sequences stay theirs)."""
+        if not self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self._ptr), seq, -1, -1):
+            raise LlamaError(f"llama.cpp could not remove sequence {seq}")
 
     def decode(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, output: np.ndarray) -> int:
         """Decode one batch (at most n_batch tokens): token i at position ``pos[i]`` of sequence ``seq[i]``, with
