@@ -205,3 +205,13 @@ def test_serve_with_another_template_runs_beside_a_hostile_one(tiny_llama3_gguf,
     with running_server(path, "-c", "256", "--threads", "2", "--chat-template", "llama-3-instruct") as (base, _):
         reply = post(base, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
         assert reply["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_TEMPLATES))
+def test_eval_refuses_a_hostile_template(name):
+    """cl3 eval's --template model renders through the same budget (a question never hangs the run)."""
+    from cl3.evaluation.prompts import ChatRenderer
+
+    with pytest.raises(TemplateBudgetError, match="exceeds cl3's budget"):
+        ChatRenderer(ISSUE_TEMPLATES[name] + "{{ messages[0]['content'] }}", "<s>", "</s>", "the model's template")(
+            [{"role": "user", "content": "hi"}])

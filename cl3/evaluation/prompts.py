@@ -27,10 +27,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jinja2
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..chat_templates import DEFAULT_SYSTEM_PROMPT
 from ..errors import UnsupportedModelError
+from ..template_budget import BudgetedChatFormatter, TemplateBudgetError
 from .tasks import CHOICES, Question, Subject, TaskInfo
 
 ZH_HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
@@ -131,19 +131,24 @@ def alpaca3_prompt(info: TaskInfo, subject: Subject, shots: Sequence[Question], 
 
 
 class ChatRenderer:
-    """A chat template rendered as llama-cpp-python's Jinja2ChatFormatter (and so cl3 chat) renders it."""
+    """A chat template rendered as llama-cpp-python's Jinja2ChatFormatter (and so cl3 chat) renders it, under cl3's
+    template budget (a hostile template is refused, never hangs the run)."""
 
     def __init__(self, template: str, bos_token: str, eos_token: str, source: str):
         self.source = source
         try:
-            self._formatter = Jinja2ChatFormatter(template=template, bos_token=bos_token, eos_token=eos_token,
+            self._formatter = BudgetedChatFormatter(template=template, bos_token=bos_token, eos_token=eos_token,
                                                   add_generation_prompt=True)
+        except TemplateBudgetError as ex:
+            raise TemplateBudgetError(ex.reason, source) from None
         except jinja2.TemplateError as ex:
             raise UnsupportedModelError(f"the chat template ({source}) is not valid Jinja: {ex}") from None
 
     def __call__(self, messages: list[dict[str, str]]) -> str:
         try:
             return self._formatter(messages=messages).prompt
+        except TemplateBudgetError as ex:
+            raise TemplateBudgetError(ex.reason, self.source) from None
         except (jinja2.TemplateError, ValueError, TypeError) as ex:
             raise UnsupportedModelError(f"the chat template ({self.source}) failed: {ex}") from None
 
