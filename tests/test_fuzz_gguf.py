@@ -129,6 +129,7 @@ MORE = {
     "head_count_kv_0": set_kv("llama.attention.head_count_kv", ge.UINT32, 0),
     "head_count_3": set_kv("llama.attention.head_count", ge.UINT32, 3),
     "context_length_0": set_kv("llama.context_length", ge.UINT32, 0),
+    "rms_epsilon_negative": set_kv("llama.attention.layer_norm_rms_epsilon", ge.FLOAT32, -1.0),  # ppl: SIGABRT
     "embedding_length_128": set_kv("llama.embedding_length", ge.UINT32, 128),
     "rope_scaling_bogus": set_kv("llama.rope.scaling.type", ge.STRING, b"bogus"),
     "expert_count_huge": set_kv("llama.expert_count", ge.UINT32, 100000),
@@ -144,7 +145,7 @@ TOLERATED = {"pad_out_of_vocab": set_kv("tokenizer.ggml.padding_token_id", ge.UI
 
 # the "internal error" cases (item 9) go through every command it names
 MORE_COMMANDS = {name: ("info", "check", "quantize", "ppl") for name in ("key_not_utf8", "tensor_not_utf8",
-                                                                         "bos_as_string")}
+                                                                         "bos_as_string", "rms_epsilon_negative")}
 
 
 def random_variant(rng: random.Random, source: bytes, header_end: int):

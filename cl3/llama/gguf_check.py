@@ -175,6 +175,10 @@ def _check_hparams(f: GgufFile, arch: str, n_tokens: int | None) -> None:
         value = _scalar(f, p + key, NUMBER, "a number")
         if value is not None and not np.isfinite(value):
             raise _fail(f, p + key, f"is {value}")
+    for key in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):  # ggml's norms assert eps >= 0
+        value = _scalar(f, p + key, NUMBER, "a number")
+        if value is not None and value < 0:
+            raise _fail(f, p + key, f"is {value}; it must not be negative")
     scaling = _scalar(f, p + "rope.scaling.type", (GGUF_STRING,), "a string")
     if scaling is not None and scaling not in ROPE_SCALING_TYPES:
         raise _fail(f, p + "rope.scaling.type", f"is {scaling!r}, not one of {', '.join(ROPE_SCALING_TYPES)}")
