@@ -29,9 +29,7 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False) -> Iterat
     gone (a run killed with SIGKILL, a crash, a power cut) are removed first, with a note on the "cl3" logger.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output directory does not exist: {parent}")
+    parent = check_output_directory(path)
     remove_stale_partials(path)
     prefix = f".{path.name}.{_writer_tag()}."
     try:
@@ -212,6 +210,14 @@ def removing_created_folders() -> Iterator[None]:
         raise
     finally:
         _created.reset(token)
+
+
+def check_output_directory(path: str | os.PathLike) -> Path:
+    """The folder ``path`` will be written in; refused when it does not exist (checked before long work starts)."""
+    parent = Path(path).parent if str(Path(path).parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory does not exist: {parent}")
+    return parent
 
 
 def check_new_output(path: Path, force: bool) -> None:

@@ -116,6 +116,16 @@ def run_cl3(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, env=os.environ | {"COLUMNS": "200"})
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """End a server the test started: SIGTERM, then SIGKILL after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def one_line_error(proc: subprocess.CompletedProcess, message: str = "") -> str:
     """The single ``error:`` line a failed cl3 run printed (no traceback, no blank line from an empty progress
     bar, a non-zero exit other than 70, the code of an internal error); checks ``message`` is in it."""

@@ -19,6 +19,8 @@ import pytest
 
 from cl3.serve import is_loopback, server_settings
 
+from .conftest import stop_process
+
 API_KEY = "test-key-123"
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant. 你是一个乐于助人的助手。"},
             {"role": "user", "content": "用中文介绍一下北京。"}]
@@ -65,12 +67,7 @@ def running_server(model, *options: str):
                 time.sleep(0.3)
         yield base, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

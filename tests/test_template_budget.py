@@ -19,7 +19,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from cl3.chat_templates import KNOWN_TEMPLATES
 from cl3.template_budget import BudgetedChatFormatter, TemplateBudgetError, check_chat_template
-from tests.conftest import one_line_error, run_cl3
+from tests.conftest import one_line_error, run_cl3, stop_process
 from tests.test_chat_templates import with_metadata
 from tests.test_export import LLAMA3_TOKENS, write_metadata_gguf
 from tests.test_serve import free_port, running_server
@@ -162,12 +162,7 @@ def test_serve_survives_a_request_that_exceeds_the_budget(tiny_llama3_gguf, tmp_
         reply = post(base, "/v1/chat/completions", {"messages": long[:1], "max_tokens": 2})
         assert reply["choices"][0]["message"]["role"] == "assistant"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_convert_writes_the_gguf_and_names_the_template_problem(tiny_llama3_dir, tmp_path):

@@ -50,7 +50,7 @@ def eval_command(
     quiet: Quiet = False,
 ) -> None:
     """Accuracy of MODEL on C-Eval, CMMLU or MMLU: the authors' prompts and constrained decoding, resumable."""
-    from ..evaluation.run import EvalRequest, compare, evaluate, load_run
+    from ..evaluation.run import EvalRequest, compare, evaluate, open_baseline
 
     chosen = tuple(s.strip() for item in subjects or [] for s in item.split(",") if s.strip())
     request = EvalRequest(model, task=task, split=split, shots=shots, subjects=chosen, template=template, style=prompts,
@@ -58,13 +58,12 @@ def eval_command(
                           n_ctx=ctx_size, n_batch=batch_size, n_parallel=parallel, threads=threads,
                           n_gpu_layers=n_gpu_layers, reuse_prefix=not no_prefix_reuse,
                           output=output, force=force)
+    base = open_baseline(baseline) if baseline is not None else None
     with progress_bar(f"eval {model.name}", unit="questions", quiet=quiet or as_json) as update:
         run = evaluate(request, progress=update)
     comparison = None
     if baseline is not None:
-        if baseline.suffix == ".json":
-            base = load_run(baseline)
-        else:
+        if base is None:
             with progress_bar(f"eval {baseline.name}", unit="questions", quiet=quiet or as_json) as update:
                 base = evaluate(replace(request, model=baseline, output=None), progress=update)
         comparison = compare(run, base) | {"baseline_run": str(baseline)}

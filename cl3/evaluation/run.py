@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import paths
 from ..chat_templates import template_from_spec
 from ..errors import InputError, Interrupted, OutputError, UsageError
-from ..files import atomic_output, is_directory_target, output_directory
+from ..files import atomic_output, check_output_directory, is_directory_target, output_directory
 from ..llama import Context, Model
 from ..metadata import read_metadata
 from .engine import ChoiceTokens, Scorer, tokenize_prompt
@@ -119,6 +119,15 @@ def load_run(path: str | os.PathLike) -> EvalRun:
     return EvalRun(data["settings"], data["answers"], path=path, seconds=data.get("seconds", 0.0))
 
 
+def open_baseline(path: str | os.PathLike) -> EvalRun | None:
+    """A ``--baseline``, checked before any scoring: a saved run (loaded), or a GGUF to evaluate (None)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return load_run(path)
+    read_metadata(path)  # a missing or damaged GGUF is refused now, not after the model's own run
+    return None
+
+
 def evaluate(request: EvalRequest, *, progress: Progress | None = None) -> EvalRun:
     """Score the request's questions; continue a run file of the same settings; return the finished run."""
     root, layout, info = resolve_task(request.task)
@@ -146,6 +155,7 @@ def evaluate(request: EvalRequest, *, progress: Progress | None = None) -> EvalR
     out = Path(request.output) if request.output else default_output(request, split)
     if request.output and is_directory_target(request.output):  # -o DIR/: the default name inside it
         out = output_directory(request.output) / default_output(request, split).name
+    check_output_directory(out)  # before the scoring, not after it
     run = EvalRun(settings, {}, path=out, info=info)
     if out.exists() and not request.force:
         old = load_run(out)
@@ -193,7 +203,11 @@ def _chat(request: EvalRequest, model: Model) -> ChatRenderer | str | None:
                              param="template")
         source = "the model's"
     else:
-        choice = template_from_spec(spec)
+        try:
+            choice = template_from_spec(spec)
+        except UsageError as ex:
+            ex.param = "template"  # eval's flag is --template, not --chat-template
+            raise
         text, source = choice.text, choice.name or spec
     piece = lambda t: model.piece(t).decode("utf-8", errors="replace") if t >= 0 else ""  # noqa: E731
     return ChatRenderer(text, piece(model.bos), piece(model.eos), source)
